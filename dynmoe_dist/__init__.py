@@ -1,0 +1,7 @@
+"""dynmoe_dist: distributed expert-parallel Mixture-of-Experts with dynamic experts."""
+
+from .errors import ConfigError, DynMoEError, NonFiniteError, ShapeError
+from .layer import MoEAux, MoELayer
+
+__version__ = "0.1.0"
+__all__ = ["ConfigError", "DynMoEError", "MoEAux", "MoELayer", "NonFiniteError", "ShapeError", "__version__"]

@@ -1,0 +1,86 @@
+"""MoELayer: router -> plan -> dispatcher -> experts -> combine, as one module a model adopts in one line.
+
+    y, aux = moe(x)                      # x: [batch, seq, d] or [tokens, d]
+    loss = task_loss + aux.loss
+
+Data flows one way; the layer holds no routing decision beyond the current forward, so an adaptation (adapt/) only
+has to change the router rows, the expert bank and the placement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .dispatch import LocalDispatcher, apply_capacity, check_capacity_factor
+from .errors import NonFiniteError, ShapeError, check
+from .experts import ExpertBank
+from .routing import RouterConfig, RoutingStats, build_router
+
+
+@dataclass
+class MoEAux:
+    """What the layer returns beside its output: the total auxiliary loss, its terms, and routing statistics."""
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    stats: RoutingStats
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        router: str | dict | RouterConfig = "top_any",
+        activation: str = "gelu",
+        capacity_factor: float | None = None,
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__()
+        check(isinstance(num_experts, int) and num_experts >= 1, "num_experts", num_experts, "an integer >= 1")
+        check_capacity_factor(capacity_factor)
+        self.d_model = d_model
+        self.capacity_factor = capacity_factor
+        self.check_finite = check_finite
+        self.router = build_router(router, d_model, num_experts)
+        self.experts = ExpertBank(d_model, d_ff, num_experts, activation, self.router.expert_ids)
+        self.dispatcher = LocalDispatcher()
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    def forward(
+        self, x: torch.Tensor, importance: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEAux]:
+        """``importance``: attention probabilities [B, H, S, S] or a per-token vector, for importance-k routing."""
+        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
+            raise ShapeError(
+                f"MoELayer(d_model={self.d_model}) takes [batch, seq, {self.d_model}] or [tokens, {self.d_model}]; "
+                f"got {tuple(x.shape)}"
+            )
+        flat = x.reshape(-1, self.d_model)
+        if self.check_finite:
+            self.assert_finite(flat, "input")
+        plan = self.router(flat, importance)
+        plan, dropped = apply_capacity(plan, self.capacity_factor)
+        plan.stats.dropped = dropped
+        rows, counts, state = self.dispatcher.dispatch(flat, plan)
+        out = self.dispatcher.combine(self.experts(rows, counts), state)
+        if self.check_finite:
+            self.assert_finite(out, "output")
+        return out.view(x.shape), MoEAux(plan.aux_loss(), plan.aux_losses, plan.stats)
+
+    def assert_finite(self, t: torch.Tensor, what: str) -> None:
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            rows = bad.any(-1).nonzero().flatten()
+            raise NonFiniteError(
+                f"MoE layer {what} has {int(bad.sum())} non-finite values (NaN/Inf) in {rows.numel()} of "
+                f"{t.shape[0]} tokens, first at token {int(rows[0])}; look upstream of this layer (learning rate, "
+                "loss scale, data), or build the layer with check_finite=False to skip this check"
+            )

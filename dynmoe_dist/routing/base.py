@@ -1,0 +1,97 @@
+"""Router base: turns per-token scores into a RoutingPlan with statistics.
+
+A gate implements ``route`` (the rule) and lists its per-expert parameters in ``row_parameters`` (leading dim E), so
+the control plane can slice and append gate rows when experts are added or removed without knowing the rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, check
+from .plan import RoutingPlan, RoutingStats
+
+
+@dataclass
+class Assignments:
+    """What a rule returns: flat (token, expert position, weight) triples, token-major, and weighted losses."""
+
+    token: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+    losses: dict[str, torch.Tensor]
+
+
+class Router(nn.Module):
+    """Base class of every gate."""
+
+    #: whether tokens with k = 0 count as "unrouted" (a signal to add an expert) or are a deliberate choice
+    records_unrouted: bool = True
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        check(isinstance(d_model, int) and d_model >= 1, "d_model", d_model, "an integer >= 1")
+        check(isinstance(num_experts, int) and num_experts >= 1, "num_experts", num_experts, "an integer >= 1")
+        self.d_model = d_model
+        self.register_buffer("expert_ids", torch.arange(num_experts, dtype=torch.int64))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.expert_ids.numel())
+
+    def route(self, x: torch.Tensor, importance: torch.Tensor | None) -> Assignments:
+        raise NotImplementedError
+
+    def row_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters whose leading dimension is the expert position."""
+        raise NotImplementedError
+
+    def on_optimizer_step(self) -> None:
+        """Hook for rules with per-step state (ReLU routing's L1 coefficient)."""
+
+    def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> RoutingPlan:
+        if x.dim() != 2 or x.shape[1] != self.d_model:
+            raise ConfigError("router input shape", tuple(x.shape), f"[tokens, {self.d_model}]")
+        a = self.route(x, importance)
+        num_tokens = x.shape[0]
+        k = torch.bincount(a.token, minlength=num_tokens)
+        with torch.no_grad():
+            unrouted = (k == 0) if (self.training and self.records_unrouted) else None
+            stats = RoutingStats(
+                tokens_per_expert=torch.bincount(a.expert, minlength=self.num_experts),
+                k_per_token=k,
+                unrouted_count=unrouted.sum() if unrouted is not None else k.new_zeros(()),
+                unrouted_sum=(
+                    x.detach()[unrouted].sum(0) if unrouted is not None else x.new_zeros(self.d_model)
+                ),
+            )
+        return RoutingPlan(
+            token=a.token,
+            expert=a.expert,
+            weight=a.weight,
+            k=k,
+            num_experts=self.num_experts,
+            expert_ids=self.expert_ids,
+            aux_losses=a.losses,
+            stats=stats,
+        )
+
+
+def flatten_mask(mask: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, expert, weight) of the true entries of a [S, E] mask, token-major."""
+    token, expert = mask.nonzero(as_tuple=True)
+    return token, expert, weights[token, expert]
+
+
+def balance_loss(probs: torch.Tensor, expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch/GShard balance loss E * sum_e f_e * P_e; f_e = share of assignments, P_e = mean router probability.
+
+    Equals 1 under perfectly uniform routing.
+    """
+    if expert.numel() == 0 or probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    f = torch.bincount(expert, minlength=num_experts).to(probs.dtype) / expert.numel()
+    return num_experts * (f * probs.mean(0)).sum()

@@ -1,0 +1,137 @@
+"""Router settings, one dataclass per gate, each validated on construction.
+
+Defaults follow ALGORITHMS.md sections 1-2. The ``kind`` field selects the gate, so a plain dict (a hydra config
+group, a JSON file) turns into the right dataclass through ``router_config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..errors import ConfigError, check
+
+
+@dataclass
+class TopAnyConfig:
+    """DynMoE Top-Any gate (arXiv 2405.14297). Term weights multiply ``aux_weight``; 0 switches a term off."""
+
+    kind: str = "top_any"
+    trainable_temperature: bool = False
+    aux_weight: float = 0.01
+    diverse_weight: float = 1.0
+    simple_weight: float = 1.0
+    balance_weight: float = 1.0
+    efficiency_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("aux_weight", "diverse_weight", "simple_weight", "balance_weight", "efficiency_weight"):
+            value = getattr(self, name)
+            check(value >= 0, name, value, "a weight >= 0 (0 switches the term off)")
+
+
+@dataclass
+class TopKConfig:
+    """Top-k softmax gate (GShard/Switch baseline)."""
+
+    kind: str = "top_k"
+    k: int = 2
+    renormalize: bool = True
+    balance_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.k, int) and self.k >= 1, "k", self.k, "an integer >= 1")
+        check(self.balance_weight >= 0, "balance_weight", self.balance_weight, "a weight >= 0")
+
+
+@dataclass
+class TopPConfig:
+    """Top-p gate ("Harder Tasks Need More Experts", arXiv 2403.07652)."""
+
+    kind: str = "top_p"
+    p: float = 0.4
+    balance_weight: float = 0.01
+    entropy_weight: float = 1e-4
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.p <= 1.0, "p", self.p, "a probability in (0, 1]")
+        check(self.balance_weight >= 0, "balance_weight", self.balance_weight, "a weight >= 0")
+        check(self.entropy_weight >= 0, "entropy_weight", self.entropy_weight, "a weight >= 0")
+
+
+@dataclass
+class ImportanceKConfig:
+    """Attention-importance k (DA-MoE, arXiv 2409.06669): k_j = clamp(ceil(imp_j * k_max), 1, k_max).
+
+    ``importance`` names a registered importance function; ``fallback_k`` is used for every token when the layer gets
+    no attention probabilities or importance vector (None means k_max).
+    """
+
+    kind: str = "importance_k"
+    k_max: int = 4
+    importance: str = "attention_received"
+    fallback_k: int | None = None
+    balance_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.k_max, int) and self.k_max >= 1, "k_max", self.k_max, "an integer >= 1")
+        if self.fallback_k is not None:
+            check(1 <= self.fallback_k <= self.k_max, "fallback_k", self.fallback_k, f"1..k_max={self.k_max}")
+        check(self.balance_weight >= 0, "balance_weight", self.balance_weight, "a weight >= 0")
+
+
+@dataclass
+class ReLUConfig:
+    """ReLU routing (ReMoE, arXiv 2412.14711) with an L1 coefficient steered toward ``target_active`` experts."""
+
+    kind: str = "relu"
+    target_active: float = 2.0
+    l1_init: float = 1e-8
+    l1_factor: float = 1.2
+
+    def __post_init__(self) -> None:
+        check(self.target_active > 0, "target_active", self.target_active, "a number of experts > 0")
+        check(self.l1_init > 0, "l1_init", self.l1_init, "a coefficient > 0")
+        check(self.l1_factor > 1, "l1_factor", self.l1_factor, "a factor > 1")
+
+
+@dataclass
+class NullExpertConfig:
+    """Top-k over real plus null experts (AdaMoE, arXiv 2406.13233); a null choice costs no compute or traffic."""
+
+    kind: str = "null"
+    k: int = 2
+    num_null: int = 2
+    renormalize: bool = True
+    balance_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.k, int) and self.k >= 1, "k", self.k, "an integer >= 1")
+        check(isinstance(self.num_null, int) and self.num_null >= 1, "num_null", self.num_null, "an integer >= 1")
+        check(self.balance_weight >= 0, "balance_weight", self.balance_weight, "a weight >= 0")
+
+
+RouterConfig = TopAnyConfig | TopKConfig | TopPConfig | ImportanceKConfig | ReLUConfig | NullExpertConfig
+
+CONFIGS: dict[str, type] = {
+    c.kind: c  # dataclass defaults are class attributes
+    for c in (TopAnyConfig, TopKConfig, TopPConfig, ImportanceKConfig, ReLUConfig, NullExpertConfig)
+}
+
+
+def router_config(spec: str | dict[str, Any] | RouterConfig) -> RouterConfig:
+    """A router config from a gate name, a mapping with ``kind``, or an existing config."""
+    if isinstance(spec, str):
+        spec = {"kind": spec}
+    if not isinstance(spec, dict):
+        return spec
+    spec = dict(spec)
+    kind = spec.get("kind", "top_any")
+    if kind not in CONFIGS:
+        raise ConfigError("router.kind", kind, "one of " + ", ".join(sorted(CONFIGS)))
+    cls = CONFIGS[kind]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(f"router.{unknown[0]}", spec[unknown[0]], f"a field of {cls.__name__}: {sorted(known)}")
+    return cls(**spec)
