@@ -54,9 +54,7 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return self.router.num_experts
 
-    def forward(
-        self, x: torch.Tensor, importance: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         """``importance``: attention probabilities [B, H, S, S] or a per-token vector, for importance-k routing."""
         if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
             raise ShapeError(

@@ -24,9 +24,7 @@ class Permutation:
         return self.counts.tolist()
 
 
-def sort_by_expert(
-    token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int
-) -> Permutation:
+def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int) -> Permutation:
     order = torch.argsort(expert, stable=True)
     counts = torch.bincount(expert, minlength=num_experts)
     return Permutation(order=order, counts=counts, token=token[order], weight=weight[order])

@@ -14,9 +14,7 @@ import torch.nn.functional as F
 ACTIVATIONS = ("gelu", "swiglu")
 
 
-def expert_ffn(
-    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | None
-) -> torch.Tensor:
+def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | None) -> torch.Tensor:
     """One expert: GELU FFN (w_gate None) or SwiGLU, both without bias."""
     h = x @ w_in
     h = F.gelu(h) if w_gate is None else F.silu(x @ w_gate) * h

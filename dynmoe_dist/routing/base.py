@@ -64,9 +64,7 @@ class Router(nn.Module):
                 tokens_per_expert=torch.bincount(a.expert, minlength=self.num_experts),
                 k_per_token=k,
                 unrouted_count=unrouted.sum() if unrouted is not None else k.new_zeros(()),
-                unrouted_sum=(
-                    x.detach()[unrouted].sum(0) if unrouted is not None else x.new_zeros(self.d_model)
-                ),
+                unrouted_sum=(x.detach()[unrouted].sum(0) if unrouted is not None else x.new_zeros(self.d_model)),
             )
         return RoutingPlan(
             token=a.token,
