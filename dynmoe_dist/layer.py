@@ -4,7 +4,12 @@
     loss = task_loss + aux.loss
 
 Data flows one way; the layer holds no routing decision beyond the current forward, so an adaptation (adapt/) only
-has to change the router rows, the expert bank and the placement.
+has to change the router rows, the expert bank and the placement table.
+
+Distributed: pass ``groups`` (parallel.build_groups) with ep_size > 1 and the experts are sharded over the
+expert-parallel group by a PlacementTable (contiguous blocks unless given); tokens travel by all-to-all sized by the
+real assignment counts. Every rank builds the same router and the same experts from ``seed`` (or from the global RNG,
+which all ranks must seed alike), so no broadcast is needed at start.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import torch
 from torch import nn
 
 from .dispatch import LocalDispatcher, apply_capacity, check_capacity_factor
-from .errors import NonFiniteError, ShapeError, check
+from .dispatch.expert_parallel import ExpertParallelDispatcher
+from .errors import ConfigError, NonFiniteError, ShapeError, check
 from .experts import ExpertBank
+from .parallel.groups import ParallelGroups
+from .placement import PlacementTable
 from .routing import RouterConfig, RoutingStats, build_router
 
 
@@ -39,6 +47,10 @@ class MoELayer(nn.Module):
         activation: str = "gelu",
         capacity_factor: float | None = None,
         check_finite: bool = False,
+        groups: ParallelGroups | None = None,
+        placement: PlacementTable | None = None,
+        seed: int | None = None,
+        name: str = "moe",
     ) -> None:
         super().__init__()
         check(isinstance(num_experts, int) and num_experts >= 1, "num_experts", num_experts, "an integer >= 1")
@@ -46,13 +58,35 @@ class MoELayer(nn.Module):
         self.d_model = d_model
         self.capacity_factor = capacity_factor
         self.check_finite = check_finite
-        self.router = build_router(router, d_model, num_experts)
-        self.experts = ExpertBank(d_model, d_ff, num_experts, activation, self.router.expert_ids)
-        self.dispatcher = LocalDispatcher()
+        self.name = name
+        if seed is None:
+            seed = int(torch.randint(2**62, ()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.router = build_router(router, d_model, num_experts)
+        self.groups = groups
+        if groups is not None and groups.ep_size > 1:
+            table = placement or PlacementTable.contiguous(self.router.expert_ids.tolist(), groups.ep_size)
+            if list(table.expert_ids) != self.router.expert_ids.tolist() or table.ep_size != groups.ep_size:
+                raise ConfigError(
+                    "placement",
+                    f"{table.num_experts} experts on {table.ep_size} ranks",
+                    f"the router's {num_experts} expert ids on ep_size={groups.ep_size} ranks",
+                )
+            local_ids = table.experts_on(groups.ep_rank)
+            self.dispatcher: LocalDispatcher | ExpertParallelDispatcher = ExpertParallelDispatcher(groups, table, name)
+        else:
+            local_ids = self.router.expert_ids.tolist()
+            self.dispatcher = LocalDispatcher()
+        self.experts = ExpertBank(d_model, d_ff, local_ids, activation, seed)
 
     @property
     def num_experts(self) -> int:
         return self.router.num_experts
+
+    @property
+    def placement(self) -> PlacementTable | None:
+        return getattr(self.dispatcher, "placement", None)
 
     def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         """``importance``: attention probabilities [B, H, S, S] or a per-token vector, for importance-k routing."""

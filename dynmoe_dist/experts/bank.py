@@ -1,7 +1,9 @@
 """ExpertBank: the experts one rank holds, as stacked weight tensors, with stable int64 ids.
 
 Stacked storage ([E_local, ...] per weight) keeps the grouped matmul a slice per expert and lets the control plane
-add, remove or move experts by slicing rows of the same tensors (and of their optimizer state).
+add, remove or move experts by slicing rows of the same tensors (and of their optimizer state). Each expert is
+initialised from a generator seeded by (seed, expert id), so its initial weights do not depend on where it lives:
+a layer built on 1 rank and the same layer sharded over 3 ranks start from the same experts.
 """
 
 from __future__ import annotations
@@ -13,28 +15,30 @@ from ..errors import check
 from .grouped import ACTIVATIONS, grouped_ffn
 
 
+def expert_generator(seed: int, expert_id: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + expert_id) % (2**63))
+
+
 class ExpertBank(nn.Module):
     def __init__(
         self,
         d_model: int,
         d_ff: int,
-        num_experts: int,
+        expert_ids: torch.Tensor | list[int],
         activation: str = "gelu",
-        expert_ids: torch.Tensor | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         check(activation in ACTIVATIONS, "expert activation", activation, " or ".join(ACTIVATIONS))
         check(isinstance(d_ff, int) and d_ff >= 1, "d_ff", d_ff, "an integer >= 1")
-        check(isinstance(num_experts, int) and num_experts >= 0, "num_experts", num_experts, "an integer >= 0")
+        ids = torch.as_tensor(expert_ids, dtype=torch.int64).reshape(-1)
         self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
-        ids = torch.arange(num_experts, dtype=torch.int64) if expert_ids is None else expert_ids.to(torch.int64)
-        check(ids.numel() == num_experts, "expert_ids", tuple(ids.shape), f"{num_experts} ids")
         self.register_buffer("expert_ids", ids.clone())
-        self.w_in = nn.Parameter(torch.randn(num_experts, d_model, d_ff) * d_model**-0.5)
-        self.w_gate = (
-            nn.Parameter(torch.randn(num_experts, d_model, d_ff) * d_model**-0.5) if activation == "swiglu" else None
-        )
-        self.w_out = nn.Parameter(torch.randn(num_experts, d_ff, d_model) * d_ff**-0.5)
+        n = ids.numel()
+        self.w_in = nn.Parameter(torch.empty(n, d_model, d_ff))
+        self.w_gate = nn.Parameter(torch.empty(n, d_model, d_ff)) if activation == "swiglu" else None
+        self.w_out = nn.Parameter(torch.empty(n, d_ff, d_model))
+        self.reset_parameters(seed)
 
     @property
     def num_experts(self) -> int:
@@ -46,6 +50,14 @@ class ExpertBank(nn.Module):
         if self.w_gate is not None:
             named["w_gate"] = self.w_gate
         return named
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        for slot, expert_id in enumerate(self.expert_ids.tolist()):
+            g = expert_generator(seed, expert_id)
+            for _, w in sorted(self.weights().items()):
+                fan_in = w.shape[1]
+                w[slot].copy_(torch.randn(w.shape[1:], generator=g) * fan_in**-0.5)
 
     def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows sorted by local slot, ``counts[slot]`` rows each."""

@@ -1,0 +1,29 @@
+"""Benchmark output: a plain table for people and JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def emit(name: str, rows: list[dict[str, Any]], columns: Sequence[str], meta: dict[str, Any], path: str | None) -> None:
+    """Print the table and the JSON document; also write the JSON to ``path`` when given."""
+    doc = {"benchmark": name, "meta": meta, "results": rows}
+    print(format_table(rows, columns))
+    print(json.dumps(doc))
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)

@@ -1,0 +1,70 @@
+"""Process groups for expert parallelism.
+
+World W, expert-parallel size P (W divisible by P). Ranks are laid out as W/P consecutive expert-parallel groups
+[0..P-1], [P..2P-1], ...: experts are sharded inside an EP group and replicated across groups; the ranks holding the
+same experts (equal rank mod P) form an expert-data-parallel (EDP) group. Dense and gate parameters are data-parallel
+over the whole world. This is DeepSpeed's layout, so a hostfile that suits one suits the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from ..errors import ConfigError
+
+
+@dataclass
+class ParallelGroups:
+    world_size: int
+    rank: int
+    ep_size: int
+    ep_group: dist.ProcessGroup | None  # None when ep_size == 1
+    edp_group: dist.ProcessGroup | None  # None when world_size == ep_size
+    world_group: dist.ProcessGroup | None  # None when world_size == 1
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    @property
+    def edp_size(self) -> int:
+        return self.world_size // self.ep_size
+
+    @property
+    def edp_rank(self) -> int:
+        return self.rank // self.ep_size
+
+    def ep_global_rank(self, ep_rank: int) -> int:
+        """Global rank of member ``ep_rank`` of this rank's EP group."""
+        return self.edp_rank * self.ep_size + ep_rank
+
+
+def single_process_groups() -> ParallelGroups:
+    return ParallelGroups(1, 0, 1, None, None, None)
+
+
+def build_groups(ep_size: int) -> ParallelGroups:
+    """Create the EP and EDP groups; every rank must call this, in the same order (it creates groups collectively)."""
+    if not dist.is_initialized():
+        if ep_size == 1:
+            return single_process_groups()
+        raise ConfigError("ep_size", ep_size, "1 unless torch.distributed is initialised (call init_distributed first)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if ep_size < 1 or world % ep_size:
+        raise ConfigError("ep_size", ep_size, f"a divisor of the world size {world}")
+    ep_group = edp_group = None
+    for start in range(0, world, ep_size):
+        ranks = list(range(start, start + ep_size))
+        g = dist.new_group(ranks) if ep_size > 1 else None
+        if rank in ranks:
+            ep_group = g
+    if world > ep_size:
+        for first in range(ep_size):
+            ranks = list(range(first, world, ep_size))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                edp_group = g
+    world_group = dist.group.WORLD if world > 1 else None
+    return ParallelGroups(world, rank, ep_size, ep_group, edp_group, world_group)

@@ -1,0 +1,141 @@
+"""A pool of real worker processes on gloo over loopback, started once and reused by many tests.
+
+Starting a process group costs seconds (torch import, rendezvous); tests send picklable module-level functions to
+the ranks instead, and each rank returns its result. A failure on any rank fails the test with that rank's traceback;
+a rank that does not answer in time fails it too (and the pool is rebuilt), so a hang can never block the suite.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 60.0
+_GROUPS: dict[int, Any] = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def groups(ep_size: int):
+    """This worker's ParallelGroups for ``ep_size``, created once (group creation is collective)."""
+    from dynmoe_dist.parallel import build_groups
+
+    if ep_size not in _GROUPS:
+        _GROUPS[ep_size] = build_groups(ep_size)
+    return _GROUPS[ep_size]
+
+
+def _worker(rank: int, world: int, port: int, tasks, results, timeout_s: float) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args = task
+        try:
+            results.put((rank, True, fn(*args)))
+        except BaseException:  # noqa: BLE001 - report everything to the parent
+            results.put((rank, False, traceback.format_exc()))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+class DistPool:
+    def __init__(self, world: int, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        port = free_port()
+        self.procs = [
+            ctx.Process(
+                target=_worker,
+                args=(r, world, port, self.tasks[r], self.results, collective_timeout_s),
+                daemon=True,
+            )
+            for r in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+        self.broken = False
+
+    def run(self, fn: Callable, *args: Any, timeout_s: float = 180.0) -> list[Any]:
+        """Run ``fn(*args)`` on every rank; return the results in rank order."""
+        for q in self.tasks:
+            q.put((fn, args))
+        out: dict[int, Any] = {}
+        errors: list[str] = []
+        while len(out) + len(errors) < self.world:
+            try:
+                rank, ok, value = self.results.get(timeout=timeout_s)
+            except queue.Empty:
+                self.broken = True
+                raise AssertionError(
+                    f"{fn.__name__}: ranks {sorted(set(range(self.world)) - set(out))} gave no answer "
+                    f"within {timeout_s} s"
+                ) from None
+            if ok:
+                out[rank] = value
+            else:
+                errors.append(f"--- rank {rank} ---\n{value}")
+        if errors:
+            self.broken = True
+            raise AssertionError(f"{fn.__name__} failed:\n" + "\n".join(errors))
+        return [out[r] for r in range(self.world)]
+
+    def close(self) -> None:
+        if not self.broken:
+            for q in self.tasks:
+                q.put(None)
+            for p in self.procs:
+                p.join(timeout=20)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+_POOLS: dict[int, DistPool] = {}
+
+
+def pool(world: int) -> DistPool:
+    """A shared pool of ``world`` ranks (rebuilt if a previous test broke it)."""
+    p = _POOLS.get(world)
+    if p is None or p.broken:
+        if p is not None:
+            p.close()
+        p = _POOLS[world] = DistPool(world)
+    return p
+
+
+def close_pools() -> None:
+    for p in _POOLS.values():
+        p.close()
+    _POOLS.clear()
+
+
+atexit.register(close_pools)

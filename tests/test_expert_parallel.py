@@ -1,0 +1,146 @@
+"""The distributed layer equals the single-process layer on the gathered tokens (real processes, gloo).
+
+Every rank builds the reference layer (all experts, one process) and the expert-parallel layer from the same seed,
+generates every rank's tokens from a shared seed, and compares its own slice: outputs, input gradients, gate
+gradients (summed over ranks) and the gradients of the experts it owns (by expert id).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dynmoe_dist import MoELayer
+from dynmoe_dist.placement import PlacementTable
+
+import dist_pool
+
+D, D_FF = 12, 20
+GATES = {
+    "top_any": {"kind": "top_any"},
+    "top_k": {"kind": "top_k", "k": 2},
+    "top_p": {"kind": "top_p", "p": 0.5},
+    "importance_k": {"kind": "importance_k", "k_max": 3},
+    "relu": {"kind": "relu"},
+    "null": {"kind": "null", "k": 2, "num_null": 2},
+}
+# tokens per rank: uneven, and rank 1 holds none at all
+TOKENS = [9, 0, 23, 14]
+
+
+def placements(num_experts: int, world: int) -> dict[str, PlacementTable]:
+    ids = list(range(num_experts))
+    g = torch.Generator().manual_seed(num_experts * 10 + world)
+    scattered = torch.randint(world, (num_experts,), generator=g).tolist()
+    scattered[0] = world - 1  # keep it uneven
+    lopsided = [0] * (num_experts - 1) + [world - 1]  # rank 0 holds almost all, middle ranks none
+    return {
+        "contiguous": PlacementTable.contiguous(ids, world),
+        "scattered": PlacementTable.from_owners(ids, scattered, world),
+        "lopsided": PlacementTable.from_owners(ids, lopsided, world),
+    }
+
+
+def make_inputs(world: int, seed: int, skew: float, router_row: torch.Tensor):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(TOKENS[r], D, generator=g, dtype=torch.float64) for r in range(world)]
+    if skew:
+        direction = router_row / router_row.norm()
+        xs = [x + skew * D**0.5 * direction for x in xs]
+    gys = [torch.randn(TOKENS[r], D, generator=g, dtype=torch.float64) for r in range(world)]
+    imps = [torch.rand(TOKENS[r], generator=g, dtype=torch.float64) for r in range(world)]
+    return xs, gys, imps
+
+
+def case_layer_equivalence(gate: str, num_experts: int) -> list[str]:
+    """Returns descriptions of every mismatch on this rank (empty when all match)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = dist_pool.groups(world)
+    problems: list[str] = []
+    for activation in ("gelu", "swiglu"):
+        for pname, table in placements(num_experts, world).items():
+            for skew in (0.0, 3.0):
+                seed = 1000 + num_experts
+                ref = MoELayer(D, D_FF, num_experts, GATES[gate], activation, seed=seed).double()
+                par = MoELayer(
+                    D, D_FF, num_experts, GATES[gate], activation, groups=groups, placement=table, seed=seed
+                ).double()
+                xs, gys, imps = make_inputs(world, seed, skew, ref.router.weight.detach()[0])
+                x_all = torch.cat(xs).requires_grad_()
+                y_ref, _ = ref(x_all, torch.cat(imps) if gate == "importance_k" else None)
+                (y_ref * torch.cat(gys)).sum().backward()
+
+                x = xs[rank].clone().requires_grad_()
+                y, aux = par(x, imps[rank] if gate == "importance_k" else None)
+                (y * gys[rank]).sum().backward()
+
+                lo = sum(TOKENS[:rank])
+                hi = lo + TOKENS[rank]
+                where = f"{gate}/{activation}/{pname}/skew={skew}"
+                if not torch.allclose(y, y_ref[lo:hi], atol=1e-10):
+                    problems.append(f"{where}: output differs by {(y - y_ref[lo:hi]).abs().max():.3g}")
+                if not torch.allclose(x.grad, x_all.grad[lo:hi], atol=1e-10):
+                    problems.append(f"{where}: input grad differs")
+                for name, p in par.router.named_parameters():
+                    g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                    dist.all_reduce(g)
+                    if not torch.allclose(g, dict(ref.router.named_parameters())[name].grad, atol=1e-9):
+                        problems.append(f"{where}: gate grad {name} differs")
+                positions = table.positions_on(rank)
+                assert par.experts.expert_ids.tolist() == [table.expert_ids[p] for p in positions]
+                for name, p in par.experts.weights().items():
+                    expected = ref.experts.weights()[name]
+                    if not torch.equal(p.detach(), expected.detach()[positions]):
+                        problems.append(f"{where}: expert weight {name} not initialised by id")
+                    if not torch.allclose(p.grad, expected.grad[positions], atol=1e-9):
+                        problems.append(f"{where}: expert grad {name} differs")
+                if skew:  # the skew really sends (nearly) every token to expert 0
+                    load = aux.stats.tokens_per_expert.clone()
+                    dist.all_reduce(load)
+                    if load[0] < 0.8 * sum(TOKENS[:world]):
+                        problems.append(f"{where}: skew did not concentrate load ({load.tolist()})")
+    return problems
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("gate", list(GATES))
+def test_distributed_layer_equals_single_process(world: int, gate: str) -> None:
+    num_experts = {2: 4, 3: 7, 4: 5}[world]  # 7 on 3 and 5 on 4: not divisible
+    problems = dist_pool.pool(world).run(case_layer_equivalence, gate, num_experts)
+    assert problems == [[] for _ in range(world)]
+
+
+def case_all_to_one(tokens: int) -> tuple[float, list[int]]:
+    """Every token of every rank goes to expert 0 (top-1 with an overwhelming skew)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = dist_pool.groups(world)
+    ref = MoELayer(D, D_FF, 4, {"kind": "top_k", "k": 1}, seed=7).double()
+    par = MoELayer(D, D_FF, 4, {"kind": "top_k", "k": 1}, groups=groups, seed=7).double()
+    w0 = ref.router.weight.detach()[0]
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(tokens, D, generator=g, dtype=torch.float64) + 50 * w0 / w0.norm() for _ in range(world)]
+    y_ref, _ = ref(torch.cat(xs))
+    y, aux = par(xs[rank])
+    y.sum().backward()
+    return float((y - y_ref[rank * tokens : (rank + 1) * tokens]).abs().max()), aux.stats.tokens_per_expert.tolist()
+
+
+def test_all_tokens_to_one_expert() -> None:
+    results = dist_pool.pool(3).run(case_all_to_one, 16)
+    for err, load in results:
+        assert err < 1e-10
+        assert load == [16, 0, 0, 0]
+
+
+def case_no_tokens_anywhere() -> list[int]:
+    world = dist.get_world_size()
+    par = MoELayer(D, D_FF, 5, "top_any", groups=dist_pool.groups(world), seed=1)
+    x = torch.zeros(0, D, requires_grad=True)
+    y, aux = par(x)
+    (y.sum() + aux.loss).backward()
+    return [tuple(y.shape), int(par.experts.w_in.grad.abs().sum() == 0)]
+
+
+def test_every_rank_empty_does_not_hang() -> None:
+    assert dist_pool.pool(2).run(case_no_tokens_anywhere) == [[(0, D), 1], [(0, D), 1]]
