@@ -21,8 +21,10 @@ from torch import nn
 
 from .dispatch import LocalDispatcher, apply_capacity, check_capacity_factor
 from .dispatch.expert_parallel import ExpertParallelDispatcher
+from .dispatch.traffic import Traffic
 from .errors import ConfigError, NonFiniteError, ShapeError, check
 from .experts import ExpertBank
+from .parallel.collectives import all_reduce
 from .parallel.groups import ParallelGroups
 from .placement import PlacementTable
 from .routing import RouterConfig, RoutingStats, build_router
@@ -35,6 +37,7 @@ class MoEAux:
     loss: torch.Tensor
     losses: dict[str, torch.Tensor]
     stats: RoutingStats
+    traffic: Traffic
 
 
 class MoELayer(nn.Module):
@@ -105,7 +108,13 @@ class MoELayer(nn.Module):
         out = self.dispatcher.combine(self.experts(rows, counts), state)
         if self.check_finite:
             self.assert_finite(out, "output")
-        return out.view(x.shape), MoEAux(plan.aux_loss(), plan.aux_losses, plan.stats)
+        return out.view(x.shape), MoEAux(plan.aux_loss(), plan.aux_losses, plan.stats, state.traffic)
+
+    def on_optimizer_step(self) -> None:
+        """Call once per optimizer step: rules with per-step state update it from statistics summed over the world."""
+        world = self.groups.world_group if self.groups is not None else None
+        reduce = None if world is None else (lambda t: all_reduce(t, world, f"{self.name}.router.step"))
+        self.router.on_optimizer_step(reduce)
 
     def assert_finite(self, t: torch.Tensor, what: str) -> None:
         bad = ~torch.isfinite(t)

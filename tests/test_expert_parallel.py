@@ -95,6 +95,13 @@ def case_layer_equivalence(gate: str, num_experts: int) -> list[str]:
                         problems.append(f"{where}: expert weight {name} not initialised by id")
                     if not torch.allclose(p.grad, expected.grad[positions], atol=1e-9):
                         problems.append(f"{where}: expert grad {name} differs")
+                t = aux.traffic
+                if t.rows_sent != t.assignments or t.padding_ratio != 1.0:
+                    problems.append(f"{where}: sent {t.rows_sent} rows for {t.assignments} assignments")
+                rows = torch.tensor([t.assignments, t.rows_computed])
+                dist.all_reduce(rows)
+                if rows[0] != rows[1] or t.assignments != int((aux.stats.k_per_token).sum()):
+                    problems.append(f"{where}: rows computed {rows.tolist()} differ from assignments")
                 if skew:  # the skew really sends (nearly) every token to expert 0
                     load = aux.stats.tokens_per_expert.clone()
                     dist.all_reduce(load)

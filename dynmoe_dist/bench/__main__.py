@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = {
     "layer": "dynmoe_dist.bench.layer",
+    "expert_parallel": "dynmoe_dist.bench.expert_parallel",
 }
 
 

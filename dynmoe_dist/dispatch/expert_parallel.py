@@ -21,6 +21,7 @@ from ..placement import PlacementTable
 from ..routing.plan import RoutingPlan
 from .all_to_all import all_to_all, exchange_counts
 from .permute import Permutation, combine_rows, gather_rows, sort_by_expert
+from .traffic import Traffic
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ExchangeState:
     recv_splits: list[int]
     regroup: torch.Tensor | None  # received (source-major) -> slot-major; None when already slot-major
     num_tokens: int
+    traffic: Traffic
 
 
 def slot_major_index(recv_counts: torch.Tensor) -> torch.Tensor:
@@ -75,8 +77,15 @@ class ExpertParallelDispatcher:
         regroup = slot_major_index(recv_counts) if (world > 1 and n_local > 1) else None
         if regroup is not None:
             rows = rows.index_select(0, regroup)
-        state = ExchangeState(perm, send_splits, recv_splits, regroup, x.shape[0])
-        return rows, recv_counts.sum(0).tolist(), state
+        local_counts = recv_counts.sum(0).tolist()
+        traffic = Traffic(
+            assignments=plan.num_assignments,
+            rows_sent=sum(send_splits),
+            rows_sent_off_rank=sum(send_splits) - send_splits[me],
+            rows_computed=sum(local_counts),
+            row_bytes=x.shape[1] * x.element_size(),
+        )
+        return rows, local_counts, ExchangeState(perm, send_splits, recv_splits, regroup, x.shape[0], traffic)
 
     def combine(self, y: torch.Tensor, state: ExchangeState) -> torch.Tensor:
         if state.regroup is not None:

@@ -6,6 +6,7 @@ the control plane can slice and append gate rows when experts are added or remov
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,8 @@ class Router(nn.Module):
         """Parameters whose leading dimension is the expert position."""
         raise NotImplementedError
 
-    def on_optimizer_step(self) -> None:
-        """Hook for rules with per-step state (ReLU routing's L1 coefficient)."""
+    def on_optimizer_step(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Hook for rules with per-step state (ReLU routing's L1 coefficient); ``reduce`` sums over ranks."""
 
     def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> RoutingPlan:
         if x.dim() != 2 or x.shape[1] != self.d_model:

@@ -1,0 +1,307 @@
+"""DeepSpeed-MoE as the peer in head-to-head benchmarks: same router and expert weights, DeepSpeed's own dispatch.
+
+What this module pins down about ``deepspeed.moe.layer.MoE`` (read from DeepSpeed 0.19's ``moe/sharded_moe.py``):
+
+* Routing. ``TopKGate`` computes ``logits = x @ wg.weight.T`` in fp32 (``wg`` is a bias-free ``Linear``) and
+  ``softmax`` over experts. Three sources of randomness exist and all are switched off here: ``noisy_gate_policy``
+  (``'Jitter'`` / ``'RSample'``, top-1 only), ``use_rts`` (random token selection, top-1 only) and
+  ``top2_2nd_expert_sampling`` (Gumbel noise added to the logits before picking the *second* expert, top-2 only,
+  on by default). With all three off, routing is plain softmax top-k.
+* Gate weights. k=1 uses the raw softmax probability of the chosen expert (no renormalisation). k=2
+  (``top2gating``) renormalises the pair: ``g1 / (g1 + g2)`` and ``g2 / (g1 + g2)`` (denominator clamped at eps).
+  k>2 (``topkgating``) renormalises over the k selected experts in the same way.
+* Capacity. With ``drop_tokens=False`` the capacity is the largest per-expert assignment count on this rank, then an
+  ``all_reduce(MAX)`` over the expert-parallel group makes it the world-wide maximum; ``capacity_factor`` and
+  ``min_capacity`` are ignored. With ``drop_tokens=True`` it is ``max(ceil(S / E * capacity_factor * k),
+  min_capacity)`` and overflowing routes are dropped (top-2: by position, first choices before second choices).
+* Dispatch. Every rank builds an ``[E, C, d]`` buffer (padding rows are zeros) and sends it with one equal-split
+  ``all_to_all_single`` over the expert-parallel group; the reply comes back the same way. So rank ``r`` of the group
+  owns experts ``r * E / ep .. (r + 1) * E / ep - 1`` and runs them on ``[ep, E / ep, C, d]``, i.e. ``E * C`` rows,
+  whatever the real load is. Backward runs the two all-to-alls again in reverse.
+
+Set-up order on every rank: ``torch.distributed.init_process_group(...)``, then :func:`init_deepspeed_groups`, then
+:func:`build_deepspeed_moe`. Import of ``deepspeed`` is deferred to those calls (it is slow and chatty).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DeepSpeedTraffic",
+    "GeluExpert",
+    "build_deepspeed_moe",
+    "deepspeed_traffic",
+    "expert_group_name",
+    "init_deepspeed_groups",
+    "local_expert_range",
+]
+
+
+def expert_group_name(ep_size: int) -> str:
+    """The name DeepSpeed files the expert-parallel group of size ``ep_size`` under."""
+    return f"ep_size_{ep_size}"
+
+
+def _import_deepspeed() -> Any:
+    # Without a GPU, DeepSpeed falls back to its CPU accelerator anyway but warns about it; naming it up front keeps
+    # the logs clean. Only effective before the first ``import deepspeed`` in the process.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def init_deepspeed_groups(ep_size: int) -> dist.ProcessGroup:
+    """Attach DeepSpeed to the running ``torch.distributed`` world and create its expert-parallel groups.
+
+    Collective: call on every rank, after ``torch.distributed.init_process_group`` (gloo works on CPU). Returns this
+    rank's expert-parallel group. Ranks ``[i * ep_size, (i + 1) * ep_size)`` form one group (DeepSpeed's default
+    "expert before data" layout); the remaining factor ``world / ep_size`` is expert-data parallelism.
+    Safe to call again (also with another ``ep_size``); existing groups are reused.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("init_deepspeed_groups needs torch.distributed to be initialised first")
+    world = dist.get_world_size()
+    if ep_size < 1 or world % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide the world size {world}")
+    deepspeed = _import_deepspeed()
+    from deepspeed.utils import groups
+
+    # With torch.distributed already up this only wraps the existing default group (no rendezvous, no env vars, no
+    # MPI discovery). The shared-memory comm op it loads stays idle unless LOCAL_SIZE is set.
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    name = expert_group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        # Same call MoE.set_deepspeed_parallelism() makes when no tensor-parallel mpu is registered.
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name)
+
+
+def local_expert_range(num_experts: int, ep_size: int) -> range:
+    """Global ids of the experts this rank holds under DeepSpeed's placement (contiguous block by group rank)."""
+    _import_deepspeed()
+    from deepspeed.utils import groups
+
+    ep_rank = dist.get_rank(group=groups._get_expert_parallel_group(expert_group_name(ep_size)))
+    per_rank = num_experts // ep_size
+    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+
+class GeluExpert(nn.Module):
+    """Bias-free FFN ``gelu(x @ w_in) @ w_out`` (exact erf GELU)."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(d_model, d_ff, bias=False)
+        self.fc_out = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+    @torch.no_grad()
+    def load(self, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
+        """Load ``w_in [d, d_ff]`` and ``w_out [d_ff, d]`` (Linear stores the transposes)."""
+        self.fc_in.weight.copy_(w_in.t())
+        self.fc_out.weight.copy_(w_out.t())
+
+
+def build_deepspeed_moe(
+    d_model: int,
+    d_ff: int,
+    num_experts: int,
+    ep_size: int,
+    k: int,
+    router_weight: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    drop_tokens: bool = False,
+    capacity_factor: float = 1.0,
+) -> nn.Module:
+    """A ``deepspeed.moe.layer.MoE`` with the given router and experts, deterministic routing, groups attached.
+
+    ``router_weight [E, d]`` becomes the gate weight (logits ``x @ router_weight.T``, no bias); ``w_in [E, d, d_ff]``
+    and ``w_out [E, d_ff, d]`` hold all experts and this rank keeps its slice :func:`local_expert_range`. Needs
+    :func:`init_deepspeed_groups` (``ep_size``) first; all ranks of the expert-parallel group must build the layer
+    with the same arguments. Call as ``out, l_aux, exp_counts = moe(x)`` with ``x [..., d]``; parameters are fp32.
+    """
+    if router_weight.shape != (num_experts, d_model):
+        raise ValueError(f"router_weight must be [{num_experts}, {d_model}], got {tuple(router_weight.shape)}")
+    if w_in.shape != (num_experts, d_model, d_ff) or w_out.shape != (num_experts, d_ff, d_model):
+        raise ValueError(
+            f"w_in must be [{num_experts}, {d_model}, {d_ff}] and w_out [{num_experts}, {d_ff}, {d_model}], "
+            f"got {tuple(w_in.shape)} and {tuple(w_out.shape)}"
+        )
+    if num_experts % ep_size:
+        raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
+    _import_deepspeed()
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
+
+    if expert_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
+        raise RuntimeError(f"call init_deepspeed_groups({ep_size}) on every rank before build_deepspeed_moe")
+
+    moe = MoE(
+        hidden_size=d_model,
+        expert=GeluExpert(d_model, d_ff),
+        num_experts=num_experts,
+        ep_size=ep_size,
+        k=k,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,  # the gate switches factor with .eval(); keep both the same
+        noisy_gate_policy=None,
+        drop_tokens=drop_tokens,
+        use_rts=False,
+        use_tutel=False,
+        top2_2nd_expert_sampling=False,
+    )
+    # Normally deepspeed.initialize() does this; it only looks the (already created) group up and hands it to the
+    # gate (for the capacity all-reduce) and the layer (for the all-to-alls).
+    moe.set_deepspeed_parallelism()
+
+    local = local_expert_range(num_experts, ep_size)
+    with torch.no_grad():
+        moe.deepspeed_moe.gate.wg.weight.copy_(router_weight)
+        for expert, e in zip(moe.deepspeed_moe.experts.deepspeed_experts, local, strict=True):
+            expert.load(w_in[e], w_out[e])
+    return moe
+
+
+@dataclass(frozen=True)
+class DeepSpeedTraffic:
+    """What one DeepSpeed-MoE forward did on this rank (backward repeats both all-to-alls with the same sizes)."""
+
+    num_experts: int
+    ep_size: int
+    num_local_experts: int
+    d_model: int
+    tokens: int  # tokens this rank fed in
+    capacity: int  # rows per (source rank, expert) slot, as DeepSpeed chose it
+    exp_counts: tuple[int, ...]  # routes from this rank's tokens per global expert, counted before any drop
+    global_local_counts: tuple[int, ...]  # routes from all group ranks to each of this rank's experts
+    rows_computed: int  # rows this rank's experts ran: ep * E_local * C = E * C
+    rows_per_all_to_all: int  # rows in each all-to-all buffer this rank sends: E * C
+    rows_off_rank_per_all_to_all: int  # of those, rows that leave the rank: (E - E_local) * C
+    bytes_per_all_to_all: int  # rows_per_all_to_all * d * element size (0 when ep_size == 1: no all-to-all)
+    element_size: int
+
+    @property
+    def assignments_sent(self) -> int:
+        """Real (token, expert) routes from this rank (k * tokens when nothing is dropped)."""
+        return sum(self.exp_counts)
+
+    @property
+    def assignments_computed(self) -> int:
+        """Real routes the whole group sends to this rank's experts (counted before any capacity drop)."""
+        return sum(self.global_local_counts)
+
+    @property
+    def compute_padding(self) -> float:
+        """rows_computed / assignments_computed (>= 1 without drops; 1 means no padding)."""
+        return self.rows_computed / max(self.assignments_computed, 1)
+
+    @property
+    def send_padding(self) -> float:
+        """rows_per_all_to_all / assignments_sent."""
+        return self.rows_per_all_to_all / max(self.assignments_sent, 1)
+
+    @property
+    def forward_bytes(self) -> int:
+        """Bytes this rank hands to all-to-all in one forward: dispatch + combine."""
+        return 2 * self.bytes_per_all_to_all
+
+    @property
+    def forward_backward_bytes(self) -> int:
+        """Forward plus backward (the backward of each all-to-all is an all-to-all of the same size)."""
+        return 4 * self.bytes_per_all_to_all
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        for name in (
+            "assignments_sent",
+            "assignments_computed",
+            "compute_padding",
+            "send_padding",
+            "forward_bytes",
+            "forward_backward_bytes",
+        ):
+            out[name] = getattr(self, name)
+        out["exp_counts"] = list(self.exp_counts)
+        out["global_local_counts"] = list(self.global_local_counts)
+        return out
+
+
+def _gate_capacity(gate_output: Any) -> int | None:
+    """Capacity from TopKGate's return value: sparse routes (DeepSpeed >= 0.19) or dense combine weights (older)."""
+    if not isinstance(gate_output, tuple):
+        return None
+    if len(gate_output) == 7:  # (l_aux, capacity, num_experts, indices, locations, gates, exp_counts)
+        return int(gate_output[1])
+    if len(gate_output) == 4:  # (l_aux, combine_weights [S, E, C], dispatch_mask, exp_counts)
+        return int(gate_output[1].shape[-1])
+    return None
+
+
+def deepspeed_traffic(moe_module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, DeepSpeedTraffic]:
+    """Run one forward of ``moe_module`` (built by :func:`build_deepspeed_moe`) on ``x`` and report its traffic.
+
+    Collective: every rank of the expert-parallel group must call it (the forward all-to-alls, plus one extra
+    ``all_reduce(SUM)`` of the per-expert counts to learn how many real rows each rank's experts received). The
+    forward runs with whatever grad mode the caller has; returns ``(output, traffic)``. Capacity and row counts are read
+    off the gate's return value and the tensor the local experts are handed, not recomputed.
+    """
+    layer = moe_module.deepspeed_moe
+    seen: dict[str, Any] = {}
+
+    def on_gate(_module: nn.Module, _args: Any, output: Any) -> None:
+        seen["gate_capacity"] = _gate_capacity(output)
+
+    def on_experts(_module: nn.Module, args: Any) -> None:
+        seen["expert_input"] = (tuple(args[0].shape), args[0].element_size())
+
+    hooks = [
+        layer.gate.register_forward_hook(on_gate),
+        layer.experts.register_forward_pre_hook(on_experts),
+    ]
+    try:
+        out, _l_aux, exp_counts = moe_module(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    (ep, e_local, capacity, d_model), element_size = seen["expert_input"]
+    num_experts = ep * e_local
+    gate_capacity = seen.get("gate_capacity")
+    if gate_capacity is not None and gate_capacity != capacity:
+        raise AssertionError(f"gate chose capacity {gate_capacity} but experts saw {capacity} rows per slot")
+
+    counts = exp_counts.detach().to(torch.int64).reshape(num_experts)
+    global_counts = counts.clone()
+    if ep > 1:
+        dist.all_reduce(global_counts, op=dist.ReduceOp.SUM, group=layer.ep_group)
+    local = local_expert_range(num_experts, ep)
+    rows_per_a2a = num_experts * capacity
+    traffic = DeepSpeedTraffic(
+        num_experts=num_experts,
+        ep_size=ep,
+        num_local_experts=e_local,
+        d_model=d_model,
+        tokens=x.numel() // x.shape[-1],
+        capacity=capacity,
+        exp_counts=tuple(int(c) for c in counts),
+        global_local_counts=tuple(int(global_counts[e]) for e in local),
+        rows_computed=ep * e_local * capacity,
+        rows_per_all_to_all=rows_per_a2a,
+        rows_off_rank_per_all_to_all=(num_experts - e_local) * capacity if ep > 1 else 0,
+        bytes_per_all_to_all=rows_per_a2a * d_model * element_size if ep > 1 else 0,
+        element_size=element_size,
+    )
+    return out, traffic
