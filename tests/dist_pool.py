@@ -10,21 +10,16 @@ from __future__ import annotations
 import atexit
 import os
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
 
+from dynmoe_dist.parallel.bootstrap import free_port
+
 COLLECTIVE_TIMEOUT_S = 60.0
 _GROUPS: dict[int, Any] = {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def groups(ep_size: int):

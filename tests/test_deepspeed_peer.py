@@ -13,7 +13,6 @@ import datetime
 import importlib.util
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
@@ -22,6 +21,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from dynmoe_dist.parallel.bootstrap import free_port
 
 WORLD = 2
 EP = 2
@@ -138,17 +139,11 @@ def _worker(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_ranks() -> dict[int, dict]:
     """Start both ranks, collect their reports; any failure, crash or hang raises."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, results), daemon=True) for r in range(WORLD)]
     for p in procs:
         p.start()

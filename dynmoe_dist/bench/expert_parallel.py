@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from ..experts import ExpertBank
 from ..layer import MoELayer
 from ..parallel import build_groups
-from ..parallel.bootstrap import _free_port as free_port  # TODO(rename)
+from ..parallel.bootstrap import free_port
 from .deepspeed_peer import build_deepspeed_moe, deepspeed_traffic, init_deepspeed_groups
 from .report import emit
 from .timing import interleaved_medians
