@@ -16,7 +16,12 @@ from .top_k import init_router_weight
 
 
 def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """[S, E] bool: the experts whose preceding cumulative probability (in descending order) is at most p."""
+    """[S, E] bool: the experts whose preceding cumulative probability (in descending order) is at most p.
+
+    p = 1 takes every expert: the exact cumulative probability never exceeds 1, but a rounded cumsum can.
+    """
+    if p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
     sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
     before = sorted_probs.cumsum(-1) - sorted_probs
     keep_sorted = before <= p
