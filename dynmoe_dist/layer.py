@@ -104,11 +104,10 @@ class MoELayer(nn.Module):
         plan = self.router(flat, importance)
         plan, dropped = apply_capacity(plan, self.capacity_factor)
         plan.stats.dropped = dropped
-        rows, counts, state = self.dispatcher.dispatch(flat, plan)
-        out = self.dispatcher.combine(self.experts(rows, counts), state)
+        out, traffic = self.dispatcher.run(flat, plan, self.experts)
         if self.check_finite:
             self.assert_finite(out, "output")
-        return out.view(x.shape), MoEAux(plan.aux_loss(), plan.aux_losses, plan.stats, state.traffic)
+        return out.view(x.shape), MoEAux(plan.aux_loss(), plan.aux_losses, plan.stats, traffic)
 
     def on_optimizer_step(self) -> None:
         """Call once per optimizer step: rules with per-step state update it from statistics summed over the world."""

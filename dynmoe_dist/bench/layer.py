@@ -26,7 +26,7 @@ def measure(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation:
     # the rows the layer really computes, frozen, for the matmul-only baseline
     with torch.no_grad():
         plan = layer.router(x)
-        rows, counts, _ = layer.dispatcher.dispatch(x, plan)
+        rows, segments, _ = layer.dispatcher.segments(x, plan)
     rows = rows.detach().requires_grad_(True)
     grad_rows = torch.randn_like(rows)
 
@@ -35,7 +35,7 @@ def measure(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation:
         torch.autograd.backward([y, aux.loss], [grad_out, torch.ones(())])
 
     def experts_only() -> None:
-        layer.experts(rows, counts).backward(grad_rows)
+        layer.experts(rows, segments).backward(grad_rows)
 
     times = interleaved_medians({"layer": layer_step, "experts": experts_only}, repeats)
     layer.zero_grad(set_to_none=True)
@@ -43,8 +43,8 @@ def measure(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation:
         "gate": gate,
         "activation": activation,
         "tokens": tokens,
-        "assignments": int(sum(counts)),
-        "avg_k": sum(counts) / tokens,
+        "assignments": rows.shape[0],
+        "avg_k": rows.shape[0] / tokens,
         "layer_ms": times["layer"] * 1e3,
         "experts_ms": times["experts"] * 1e3,
         "overhead_ratio": times["layer"] / times["experts"],

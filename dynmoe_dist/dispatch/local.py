@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..experts import ExpertBank
 from ..routing.plan import RoutingPlan
-from .permute import Permutation, combine_rows, gather_rows, sort_by_expert
+from .permute import combine_rows, gather_rows, sort_by_expert
 from .traffic import Traffic
 
 
-@dataclass
-class LocalState:
-    perm: Permutation
-    num_tokens: int
-    traffic: Traffic
-
-
 class LocalDispatcher:
-    def dispatch(self, x: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, list[int], LocalState]:
-        """Rows grouped by expert slot, rows per slot, and what the combine needs."""
+    def segments(self, x: torch.Tensor, plan: RoutingPlan):
+        """(rows in expert order, their (slot, rows) segments, the permutation): what the experts see."""
         perm = sort_by_expert(plan.token, plan.expert, plan.weight, plan.num_experts)
-        a = plan.num_assignments
-        traffic = Traffic(a, 0, 0, a, x.shape[1] * x.element_size())
-        return gather_rows(x, perm), perm.counts_list(), LocalState(perm, x.shape[0], traffic)
+        return gather_rows(x, perm), list(enumerate(perm.counts_list())), perm
 
-    def combine(self, y: torch.Tensor, state: LocalState) -> torch.Tensor:
-        return combine_rows(y, state.perm, state.num_tokens)
+    def run(self, x: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> tuple[torch.Tensor, Traffic]:
+        rows, segments, perm = self.segments(x, plan)
+        out = combine_rows(experts(rows, segments), perm, x.shape[0])
+        a = plan.num_assignments
+        return out, Traffic(a, a, 0, a, x.shape[1] * x.element_size())

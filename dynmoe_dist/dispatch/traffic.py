@@ -8,8 +8,8 @@ from dataclasses import dataclass
 @dataclass
 class Traffic:
     assignments: int  # (token, expert) pairs this rank routed
-    rows_sent: int  # rows this rank put into the dispatch all-to-all (itself included)
-    rows_sent_off_rank: int  # of those, rows that really left the rank
+    rows_sent: int  # rows this rank dispatched, to its own experts included
+    rows_sent_off_rank: int  # of those, rows that crossed the network
     rows_computed: int  # rows this rank's experts computed
     row_bytes: int  # bytes of one row
 

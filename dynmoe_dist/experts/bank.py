@@ -59,6 +59,6 @@ class ExpertBank(nn.Module):
                 fan_in = w.shape[1]
                 w[slot].copy_(torch.randn(w.shape[1:], generator=g) * fan_in**-0.5)
 
-    def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows sorted by local slot, ``counts[slot]`` rows each."""
-        return grouped_ffn(rows, counts, self.w_in, self.w_out, self.w_gate)
+    def forward(self, rows: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+        """``segments`` = [(local slot, rows), ...] in row order."""
+        return grouped_ffn(rows, segments, self.w_in, self.w_out, self.w_gate)

@@ -1,7 +1,9 @@
-"""Grouped matmul over contiguous segments: expert e computes rows [start_e, start_e + n_e) only.
+"""Grouped matmul over contiguous segments: each segment of rows is computed by one expert, nothing else.
 
-Rows arrive sorted by local expert, so each expert's work is one dense matmul on a contiguous slice: no padding, no
-[E, capacity, d] buffer. Cost is proportional to the number of rows, whatever their split.
+Rows arrive as contiguous segments, each tagged with its local expert slot (one per expert on a single process; one
+per (source rank, expert) after an all-to-all, which saves reordering the received rows: splitting an expert's rows
+in two segments costs nothing measurable). No padding, no [E, capacity, d] buffer: cost is proportional to the
+number of rows, whatever their split.
 """
 
 from __future__ import annotations
@@ -23,18 +25,21 @@ def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate:
 
 def grouped_ffn(
     rows: torch.Tensor,
-    counts: Sequence[int],
+    segments: Sequence[tuple[int, int]],
     w_in: torch.Tensor,
     w_out: torch.Tensor,
     w_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply expert e to the e-th contiguous segment of ``rows`` ([sum(counts), d] -> [sum(counts), d])."""
+    """``segments`` = [(slot, n), ...] in row order: the next n rows go through expert ``slot``."""
     outputs = []
     start = 0
-    for e, n in enumerate(counts):
+    # one unbind per stacked weight: its backward stacks the per-expert gradients once, where indexing w[e] per
+    # segment would allocate and add a full-size zero gradient for every segment
+    w_ins, w_outs = w_in.unbind(0), w_out.unbind(0)
+    w_gates = w_gate.unbind(0) if w_gate is not None else [None] * len(w_ins)
+    for slot, n in segments:
         if n:
-            seg = rows[start : start + n]
-            outputs.append(expert_ffn(seg, w_in[e], w_out[e], None if w_gate is None else w_gate[e]))
+            outputs.append(expert_ffn(rows[start : start + n], w_ins[slot], w_outs[slot], w_gates[slot]))
             start += n
     if not outputs:
         # no rows at all: stay connected to the inputs and weights, so every rank gets (zero) gradients for them

@@ -43,12 +43,24 @@ def all_to_all_single(
     input_splits: list[int],
     group: dist.ProcessGroup | None,
     name: str,
-) -> torch.Tensor:
-    guarded(
+    async_op: bool = False,
+):
+    """Uneven all-to-all; returns ``output``, or with ``async_op`` a handle whose ``wait()`` is guarded too."""
+    work = guarded(
         name,
-        lambda: dist.all_to_all_single(output, input, output_splits, input_splits, group=group),
+        lambda: dist.all_to_all_single(output, input, output_splits, input_splits, group=group, async_op=async_op),
     )
-    return output
+    return GuardedWork(work, name) if async_op else output
+
+
+class GuardedWork:
+    """An in-flight collective; waiting on it fails like ``guarded`` does."""
+
+    def __init__(self, work, name: str) -> None:
+        self.work, self.name = work, name
+
+    def wait(self) -> None:
+        guarded(self.name, self.work.wait)
 
 
 def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, name: str, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""The control plane: recorder, policy, placement planner, migration protocol."""
