@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--skew", type=float, default=2.0)
-    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per rank")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

@@ -3,13 +3,15 @@
     sort assignments: this rank's own experts first, then by (owner rank, slot)
     all-to-all of per-(destination, slot) counts          -> every rank knows what it will receive
     start the all-to-all of the rows for other ranks      -> uneven split sizes, the row count of each peer
-      meanwhile: experts on this rank's own rows           -> communication hidden behind compute
+      meanwhile: experts on the first half of the own rows -> communication hidden behind compute
     finish it; experts on the received rows, one segment per (source rank, slot): no reordering
-    reverse all-to-all, weighted index_add into [S, d]
+    start the reverse all-to-all of their outputs
+      meanwhile: experts on the second half of the own rows
+    finish it; weighted index_add into [S, d]
 
-The backward overlaps the same way: the gradients of the received rows travel back while the own rows' backward
-runs. Bytes on the wire and rows in the matmuls are exactly the assignments: no capacity padding, no MAX all-reduce,
-and rows a rank routes to itself never touch the network.
+The backward overlaps the same way, in reverse order: each exchange of gradients travels while half of the own
+rows' backward runs. Bytes on the wire and rows in the matmuls are exactly the assignments: no capacity padding,
+no MAX all-reduce, and rows a rank routes to itself never touch the network.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..experts import ExpertBank
 from ..parallel.groups import ParallelGroups
 from ..placement import PlacementTable
 from ..routing.plan import RoutingPlan
-from .all_to_all import all_to_all, exchange_counts, finish_all_to_all, start_all_to_all
+from .all_to_all import exchange_counts, finish_all_to_all, start_all_to_all
 from .permute import combine_rows, gather_rows, sort_by_expert
 from .traffic import Traffic
 
@@ -33,6 +35,19 @@ def send_order(table: PlacementTable, rank: int) -> torch.Tensor:
     hi = lo + counts[rank]
     own = (index >= lo) & (index < hi)
     return torch.where(own, index - lo, torch.where(index < lo, index + (hi - lo), index))
+
+
+def split_segments(segments: list[tuple[int, int]], rows: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(slot, n) segments cut after ``rows`` rows (a segment may be cut in two)."""
+    first, second, seen = [], [], 0
+    for slot, n in segments:
+        take = min(n, max(rows - seen, 0))
+        if take:
+            first.append((slot, take))
+        if n - take:
+            second.append((slot, n - take))
+        seen += n
+    return first, second
 
 
 class ExpertParallelDispatcher:
@@ -57,9 +72,8 @@ class ExpertParallelDispatcher:
         n_local = per_rank[me]
 
         # counts in (rank, slot) order for the exchange; rows in send order (own experts first)
-        rank_order = torch.bincount(
-            table.dispatch_index.to(plan.expert.device)[plan.expert], minlength=table.num_experts
-        )
+        device = plan.expert.device
+        rank_order = torch.bincount(table.dispatch_index.to(device)[plan.expert], minlength=table.num_experts)
         received = exchange_counts(rank_order, per_rank, n_local, world, group, f"{self.name}.dispatch.counts")
         per_source = received.view(world, n_local).tolist()  # [source rank][my slot]
         counts = rank_order.tolist()
@@ -67,18 +81,23 @@ class ExpertParallelDispatcher:
         send_splits = [0 if r == me else sum(counts[bounds[r] : bounds[r + 1]]) for r in range(world)]
         recv_splits = [0 if r == me else sum(row) for r, row in enumerate(per_source)]
 
-        perm = sort_by_expert(
-            plan.token, self._send_order.to(plan.expert.device)[plan.expert], plan.weight, table.num_experts
-        )
+        send_key = self._send_order.to(device)[plan.expert]
+        perm = sort_by_expert(plan.token, send_key, plan.weight, table.num_experts)
         rows = gather_rows(x, perm)
         n_self = sum(per_source[me])
+        own = [(slot, n) for slot, n in enumerate(per_source[me]) if n]
+        half = n_self // 2
+        own_first, own_second = split_segments(own, half)
+        remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
+
+        # half of the own rows hides the dispatch exchange, the other half hides the combine exchange
         buf, flight = start_all_to_all(rows[n_self:], recv_splits, send_splits, group, f"{self.name}.dispatch.rows")
-        y_self = experts(rows[:n_self], [(slot, n) for slot, n in enumerate(per_source[me]) if n])
-        received_rows = finish_all_to_all(buf, flight)
-        segments = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
-        y_remote = experts(received_rows, segments)
-        back = all_to_all(y_remote, send_splits, recv_splits, group, f"{self.name}.combine.rows")
-        out = combine_rows(torch.cat([y_self, back]), perm, x.shape[0])
+        y_first = experts(rows[:half], own_first)
+        y_remote = experts(finish_all_to_all(buf, flight), remote)
+        buf, flight = start_all_to_all(y_remote, send_splits, recv_splits, group, f"{self.name}.combine.rows")
+        y_second = experts(rows[half:n_self], own_second)
+        back = finish_all_to_all(buf, flight)
+        out = combine_rows(torch.cat([y_first, y_second, back]), perm, x.shape[0])
         traffic = Traffic(
             assignments=plan.num_assignments,
             rows_sent=plan.num_assignments,
