@@ -80,16 +80,20 @@ class MoELayer(nn.Module):
             self.dispatcher: LocalDispatcher | ExpertParallelDispatcher = ExpertParallelDispatcher(groups, table, name)
         else:
             local_ids = self.router.expert_ids.tolist()
-            self.dispatcher = LocalDispatcher()
+            self.dispatcher = LocalDispatcher(PlacementTable.contiguous(local_ids, 1))
         self.experts = ExpertBank(d_model, d_ff, local_ids, activation, seed)
+        self.seed = seed
+        # ids are never reused: the next new expert takes this one
+        self.register_buffer("next_expert_id", torch.tensor(num_experts, dtype=torch.int64))
+        self.recorder = None  # set by the control plane (adapt.recorder); called with every training forward's stats
 
     @property
     def num_experts(self) -> int:
         return self.router.num_experts
 
     @property
-    def placement(self) -> PlacementTable | None:
-        return getattr(self.dispatcher, "placement", None)
+    def placement(self) -> PlacementTable:
+        return self.dispatcher.placement
 
     def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         """``importance``: attention probabilities [B, H, S, S] or a per-token vector, for importance-k routing."""
@@ -104,10 +108,25 @@ class MoELayer(nn.Module):
         plan = self.router(flat, importance)
         plan, dropped = apply_capacity(plan, self.capacity_factor)
         plan.stats.dropped = dropped
+        if self.recorder is not None and self.training:
+            self.recorder.observe(plan.stats)
         out, traffic = self.dispatcher.run(flat, plan, self.experts)
         if self.check_finite:
             self.assert_finite(out, "output")
         return out.view(x.shape), MoEAux(plan.aux_loss(), plan.aux_losses, plan.stats, traffic)
+
+    def row_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose leading dimension is the expert: gate rows (by position) and expert weights (by slot)."""
+        return list(self.router.row_parameters().values()) + list(self.experts.weights().values())
+
+    def install(self, table: PlacementTable, next_expert_id: int) -> None:
+        """Adopt a new placement whose rows were already written into the parameters (adapt/protocol commit)."""
+        device = self.router.expert_ids.device
+        rank = self.groups.ep_rank if self.groups is not None and self.groups.ep_size > 1 else 0
+        self.router.expert_ids = torch.tensor(table.expert_ids, dtype=torch.int64, device=device)
+        self.experts.expert_ids = torch.tensor(table.experts_on(rank), dtype=torch.int64, device=device)
+        self.next_expert_id.fill_(next_expert_id)
+        self.dispatcher.placement = table
 
     def on_optimizer_step(self) -> None:
         """Call once per optimizer step: rules with per-step state update it from statistics summed over the world."""

@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 
 from ..experts import ExpertBank
+from ..placement import PlacementTable
 from ..routing.plan import RoutingPlan
 from .permute import combine_rows, gather_rows, sort_by_expert
 from .traffic import Traffic
 
 
 class LocalDispatcher:
+    def __init__(self, placement: PlacementTable) -> None:
+        self.placement = placement  # every expert on this process (ep_size 1); versioned like any placement
+
     def segments(self, x: torch.Tensor, plan: RoutingPlan):
         """(rows in expert order, their (slot, rows) segments, the permutation): what the experts see."""
         perm = sort_by_expert(plan.token, plan.expert, plan.weight, plan.num_experts)

@@ -53,11 +53,18 @@ class ExpertBank(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
+        self.seed = seed
         for slot, expert_id in enumerate(self.expert_ids.tolist()):
-            g = expert_generator(seed, expert_id)
-            for _, w in sorted(self.weights().items()):
-                fan_in = w.shape[1]
-                w[slot].copy_(torch.randn(w.shape[1:], generator=g) * fan_in**-0.5)
+            for name, row in self.fresh_rows(expert_id).items():
+                self.weights()[name][slot].copy_(row)
+
+    def fresh_rows(self, expert_id: int) -> dict[str, torch.Tensor]:
+        """The initial weights of expert ``expert_id``: a function of (seed, id) only, wherever it lives."""
+        g = expert_generator(self.seed, expert_id)
+        rows = {}
+        for name, w in sorted(self.weights().items()):
+            rows[name] = (torch.randn(w.shape[1:], generator=g) * w.shape[1] ** -0.5).to(w.dtype)
+        return rows
 
     def forward(self, rows: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
         """``segments`` = [(local slot, rows), ...] in row order."""

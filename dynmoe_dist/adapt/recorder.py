@@ -1,0 +1,61 @@
+"""Recorder: what the routers did over a window of optimizer steps, per MoE layer (ALGORITHMS.md section 5).
+
+Tokens per expert and the sum and count of unrouted-token embeddings (k = 0), accumulated over every training
+forward of the window, then summed over the whole world so every rank decides on the same numbers. A forward that
+autograd replays during backward (activation recompute) is not counted again, and gradient accumulation just adds
+its micro-batches: the window sees each token once whatever the schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..parallel.collectives import all_reduce
+from ..routing.plan import RoutingStats
+
+
+@dataclass
+class WindowStats:
+    """One layer's record over a window, identical on every rank after ``reduce``."""
+
+    expert_ids: list[int]  # router positions -> ids, at the time of recording
+    tokens: torch.Tensor  # [E] float64, assignments per expert (position order)
+    unrouted_count: float
+    unrouted_sum: torch.Tensor  # [d] float64
+
+    def tokens_by_id(self) -> dict[int, float]:
+        return dict(zip(self.expert_ids, self.tokens.tolist()))
+
+
+def inside_backward() -> bool:
+    """True while autograd runs a backward pass, which is where activation recompute replays forwards."""
+    return torch._C._current_autograd_node() is not None
+
+
+class RoutingRecorder:
+    def __init__(self, num_experts: int, d_model: int) -> None:
+        self.d_model = d_model
+        self.active = False
+        self.reset(num_experts)
+
+    def reset(self, num_experts: int) -> None:
+        self.tokens = torch.zeros(num_experts, dtype=torch.float64)
+        self.unrouted = torch.zeros(self.d_model + 1, dtype=torch.float64)  # [sum..., count]
+
+    def observe(self, stats: RoutingStats) -> None:
+        """Called by the layer on each training forward; counts only inside an active window."""
+        if not self.active or inside_backward():
+            return
+        self.tokens += stats.tokens_per_expert.detach().to("cpu", torch.float64)
+        self.unrouted[:-1] += stats.unrouted_sum.detach().to("cpu", torch.float64)
+        self.unrouted[-1] += float(stats.unrouted_count)
+
+    def reduce(self, expert_ids: list[int], world_group) -> WindowStats:
+        """Sum this window over the world (one all-reduce) and return it; every rank gets the same numbers."""
+        flat = torch.cat([self.tokens, self.unrouted])
+        if world_group is not None:
+            all_reduce(flat, world_group, "adapt.recorder.reduce")
+        e = self.tokens.numel()
+        return WindowStats(list(expert_ids), flat[:e], float(flat[-1]), flat[e:-1])
