@@ -29,6 +29,8 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) -m dynmoe_dist.bench layer --json bench/layer.json
+	$(PY) -m dynmoe_dist.bench expert_parallel --json bench/expert_parallel.json
+	$(PY) -m dynmoe_dist.bench adapt --json bench/adapt.json
 
 train:
 	@echo "make train arrives with the training application (train/): see README.md" && exit 1

@@ -113,6 +113,9 @@ class AdaptController:
             tolerance=self.cfg.tolerance,
             version=old.version + 1,
         )
+        if kind == "rebalance" and new.owners == old.owners:
+            layer.recorder.reset(layer.num_experts)  # already as balanced as the planner can make it
+            return None
         event = ExpertMigration(layer, self.optimizer, self.groups, self.dense_init, self.fault).run(
             decision, new, kind, self.steps, expected
         )

@@ -137,8 +137,8 @@ class ExpertMigration:
             moved=moved_experts(old, new),
             bytes_moved=sum(payload_bytes(layer, t.kind) for t in moves if t.src != t.dst),
             seconds=0.0,
-            imbalance_before=imbalance(old, loads),
-            imbalance_after=imbalance(new, {**{n.expert_id: 0.0 for n in decision.add}, **loads}),
+            imbalance_before=imbalance(old, {i: loads.get(i, 0.0) for i in old.expert_ids}),
+            imbalance_after=imbalance(new, {i: loads.get(i, 0.0) for i in new.expert_ids}),
             committed=False,
             version=old.version,
         )

@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = {
     "layer": "dynmoe_dist.bench.layer",
     "expert_parallel": "dynmoe_dist.bench.expert_parallel",
+    "adapt": "dynmoe_dist.bench.adapt",
 }
 
 
