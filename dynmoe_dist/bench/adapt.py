@@ -18,22 +18,19 @@ new owner. After every event the layer trains one more step (finite loss, or the
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
-import queue
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ..adapt import Decision, ExpertMigration, NewExpert, moved_experts, plan_placement
 from ..adapt.protocol import payload_bytes
 from ..layer import MoELayer
 from ..optim import MoEAdam
 from ..parallel import build_groups, sync_gradients
-from ..parallel.bootstrap import free_port
 from ..placement import PlacementTable
+from .ranks import add_shape_args, run_ranks
 from .report import emit
 from .timing import interleaved_medians
 
@@ -244,53 +241,16 @@ def top2_rebalance(a: argparse.Namespace, rank: int) -> list[dict]:
     return [row | {"table": how, "router": "top2"}]
 
 
-def worker(rank: int, world: int, port: int, a: argparse.Namespace, out) -> None:
-    torch.set_num_threads(a.threads)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=300),
-    )
-    rows = top_any_events(a, rank) + top2_rebalance(a, rank)
-    if rank == 0:
-        out.put(rows)
-    dist.barrier()
-    dist.destroy_process_group()
+def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
+    return top_any_events(a, rank) + top2_rebalance(a, rank)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench adapt", description=__doc__)
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--d-ff", type=int, default=1024)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--skew", type=float, default=2.0, help="token skew toward experts 0 and 1 for the top-2 rebalance")
+    add_shape_args(p, repeats=5)
     p.add_argument("--warmup", type=int, default=2, help="training steps before measuring (Adam state exists)")
-    p.add_argument("--repeats", type=int, default=5, help="timed training steps (median)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, a.world, port, a, out)) for r in range(a.world)]
-    for proc in procs:
-        proc.start()
-    while True:
-        try:
-            rows = out.get(timeout=2)
-            break
-        except queue.Empty:
-            failed = [proc.exitcode for proc in procs if proc.exitcode not in (None, 0)]
-            if failed:
-                for proc in procs:
-                    proc.kill()
-                raise SystemExit(f"adapt benchmark: a rank failed (exit code {failed[0]})") from None
-    for proc in procs:
-        proc.join()
+    rows = run_ranks(body, a)
     meta = {
         "torch": torch.__version__,
         "threads_per_rank": a.threads,

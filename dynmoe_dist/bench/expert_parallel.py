@@ -10,19 +10,16 @@ compared first, so the timing compares the same computation.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import platform
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ..experts import ExpertBank
 from ..layer import MoELayer
 from ..parallel import build_groups
-from ..parallel.bootstrap import free_port
 from .deepspeed_peer import build_deepspeed_moe, deepspeed_traffic, init_deepspeed_groups
+from .ranks import add_shape_args, run_ranks
 from .report import emit
 from .timing import interleaved_medians
 
@@ -85,44 +82,16 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
     }
 
 
-def worker(rank: int, world: int, port: int, a: argparse.Namespace, out) -> None:
-    torch.set_num_threads(a.threads)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=600),
-    )
+def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
     init_deepspeed_groups(world)
-    rows = [scenario("balanced", 0.0, a, rank, world), scenario("skewed", a.skew, a, rank, world)]
-    if rank == 0:
-        out.put(rows)
-    dist.barrier()
-    dist.destroy_process_group()
+    return [scenario("balanced", 0.0, a, rank, world), scenario("skewed", a.skew, a, rank, world)]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench expert_parallel", description=__doc__)
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--d-ff", type=int, default=1024)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--skew", type=float, default=2.0)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per rank")
-    p.add_argument("--json", default=None)
+    add_shape_args(p, repeats=20)
     a = p.parse_args(argv)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, a.world, port, a, out)) for r in range(a.world)]
-    for proc in procs:
-        proc.start()
-    rows = out.get(timeout=1800)
-    for proc in procs:
-        proc.join()
+    rows = run_ranks(body, a)
     meta = {
         "torch": torch.__version__,
         "threads_per_rank": a.threads,
