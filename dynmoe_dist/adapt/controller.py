@@ -77,7 +77,7 @@ class AdaptController:
         """Call after every optimizer step; returns the events of this boundary (usually none)."""
         self.steps += 1
         events = []
-        if self.steps % self.period == self.cfg.record_steps:
+        if self.steps % self.period == self.cfg.record_steps % self.period:  # idle_steps=0: period == record_steps
             events = [e for layer in self.layers if (e := self.adapt(layer)) is not None]
         self._set_recording()
         return events
