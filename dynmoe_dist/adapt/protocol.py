@@ -148,7 +148,7 @@ class ExpertMigration:
             return event
         staged, error = None, ""
         try:
-            received = self.exchange(moves, old)
+            received = self.exchange(moves)
             staged = self.stage(decision, old, new, moves, received)
             if self.fault is not None:
                 self.fault("staged")
@@ -180,7 +180,7 @@ class ExpertMigration:
             all_reduce(flag, group, "adapt.vote", op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def exchange(self, moves: list[Transfer], old: PlacementTable) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
+    def exchange(self, moves: list[Transfer]) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
         """Send this rank's outgoing rows, receive the incoming ones: {(kind, target id): {name: row, ...}}."""
         me = self.ep_rank
         crossing = [t for t in moves if t.src != t.dst]

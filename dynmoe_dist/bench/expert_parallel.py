@@ -15,6 +15,7 @@ import platform
 import torch
 import torch.distributed as dist
 
+from ..adapt.planner import plan_placement
 from ..experts import ExpertBank
 from ..layer import MoELayer
 from ..parallel import build_groups
@@ -35,7 +36,19 @@ def make_tokens(n: int, d: int, rank: int, skew: float, router_weight: torch.Ten
     return x
 
 
-def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: int) -> dict:
+def rebalanced(layer: MoELayer, x: torch.Tensor, groups, a: argparse.Namespace) -> MoELayer:
+    """The same layer (same seed, same weights by id) on the placement the planner picks for the observed load."""
+    with torch.no_grad():
+        _, aux = layer(x)
+    load = aux.stats.tokens_per_expert.to(torch.float64)
+    dist.all_reduce(load)
+    ids = layer.router.expert_ids.tolist()
+    table = plan_placement(ids, dict(zip(ids, load.tolist())), groups.ep_size, current=layer.placement)
+    router = {"kind": "top_k", "k": 2, "balance_weight": 0.0}
+    return MoELayer(a.d_model, a.d_ff, a.experts, router, groups=groups, placement=table, seed=0)
+
+
+def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: int, rebalance: bool = False) -> dict:
     groups = build_groups(world)
     router = {"kind": "top_k", "k": 2, "balance_weight": 0.0}
     ours = MoELayer(a.d_model, a.d_ff, a.experts, router, groups=groups, seed=0)
@@ -45,6 +58,8 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
         a.d_model, a.d_ff, a.experts, world, 2, router_weight, full.w_in.detach(), full.w_out.detach()
     )
     x = make_tokens(a.tokens, a.d_model, rank, skew, router_weight).requires_grad_()
+    if rebalance:
+        ours = rebalanced(ours, x, groups, a)
     grad = torch.randn(a.tokens, a.d_model, generator=torch.Generator().manual_seed(rank))
 
     y_ours, aux = ours(x)
@@ -62,6 +77,8 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
     times = interleaved_medians({"ours": run_ours, "deepspeed": run_peer}, a.repeats)
     slowest = torch.tensor([times["ours"], times["deepspeed"]], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
+    busiest = torch.tensor([aux.traffic.rows_computed, traffic.rows_computed])
+    dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
     t = aux.traffic
     load = aux.stats.tokens_per_expert.clone()
     dist.all_reduce(load)
@@ -73,8 +90,8 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
         "top2_expert_share": float(load.sort(descending=True).values[:2].sum() / load.sum()),
         "ours_rows_sent_per_assignment": t.padding_ratio,
         "ds_rows_sent_per_assignment": traffic.send_padding,
-        "ours_rows_computed": t.rows_computed,
-        "ds_rows_computed": traffic.rows_computed,
+        "ours_rows_computed": int(busiest[0]),  # on the busiest rank
+        "ds_rows_computed": int(busiest[1]),
         "ours_a2a_MB": 2 * t.exchange_bytes / 1e6,
         "ds_a2a_MB": traffic.forward_backward_bytes / 1e6,
         "ds_capacity": traffic.capacity,
@@ -84,7 +101,11 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
 
 def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
     init_deepspeed_groups(world)
-    return [scenario("balanced", 0.0, a, rank, world), scenario("skewed", a.skew, a, rank, world)]
+    return [
+        scenario("balanced", 0.0, a, rank, world),
+        scenario("skewed", a.skew, a, rank, world),
+        scenario("skewed+rebalanced", a.skew, a, rank, world, rebalance=True),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
