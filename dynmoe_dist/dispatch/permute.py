@@ -13,9 +13,8 @@ import torch
 
 @dataclass
 class Permutation:
-    """Assignments sorted by expert: ``order`` indexes the plan's assignments, ``counts[e]`` rows per expert."""
+    """Assignments sorted by expert: ``counts[e]`` rows per expert, then each sorted row's token and weight."""
 
-    order: torch.Tensor  # [A] int64
     counts: torch.Tensor  # [E] int64
     token: torch.Tensor  # [A] int64, token of each sorted row
     weight: torch.Tensor  # [A] float, combine weight of each sorted row
@@ -27,7 +26,7 @@ class Permutation:
 def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int) -> Permutation:
     order = torch.argsort(expert, stable=True)
     counts = torch.bincount(expert, minlength=num_experts)
-    return Permutation(order=order, counts=counts, token=token[order], weight=weight[order])
+    return Permutation(counts=counts, token=token[order], weight=weight[order])
 
 
 def gather_rows(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
