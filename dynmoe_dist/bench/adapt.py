@@ -18,7 +18,6 @@ new owner. After every event the layer trains one more step (finite loss, or the
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -30,7 +29,7 @@ from ..layer import MoELayer
 from ..optim import MoEAdam
 from ..parallel import build_groups, sync_gradients
 from ..placement import PlacementTable
-from .ranks import add_shape_args, run_ranks
+from .ranks import add_shape_args, run_ranks, shape_meta
 from .report import emit
 from .timing import interleaved_medians
 
@@ -252,14 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     rows = run_ranks(body, a)
     meta = {
-        "torch": torch.__version__,
-        "threads_per_rank": a.threads,
-        "machine": platform.machine(),
-        "world": a.world,
-        "tokens_per_rank": a.tokens,
-        "d_model": a.d_model,
-        "d_ff": a.d_ff,
-        "experts": a.experts,
+        **shape_meta(a),
         "optimizer": "MoEAdam lr=1e-3",
         "step": "forward + backward + sync_gradients + optimizer step, median, slowest rank",
         "event_ms": "ExpertMigration.run wall clock, slowest rank",

@@ -10,7 +10,6 @@ compared first, so the timing compares the same computation.
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 import torch.distributed as dist
@@ -20,7 +19,7 @@ from ..experts import ExpertBank
 from ..layer import MoELayer
 from ..parallel import build_groups
 from .deepspeed_peer import build_deepspeed_moe, deepspeed_traffic, init_deepspeed_groups
-from .ranks import add_shape_args, run_ranks
+from .ranks import add_shape_args, run_ranks, shape_meta
 from .report import emit
 from .timing import interleaved_medians
 
@@ -114,14 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     rows = run_ranks(body, a)
     meta = {
-        "torch": torch.__version__,
-        "threads_per_rank": a.threads,
-        "machine": platform.machine(),
-        "world": a.world,
-        "tokens_per_rank": a.tokens,
-        "d_model": a.d_model,
-        "d_ff": a.d_ff,
-        "experts": a.experts,
+        **shape_meta(a),
         "router": "top-2 softmax; DeepSpeed drop_tokens=False",
         "targets": "time_ratio <= 0.85 balanced, <= 0.5 skewed; ours rows sent per assignment == 1.0",
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import platform
 import queue
 from collections.abc import Callable
 
@@ -27,6 +28,20 @@ def add_shape_args(p: argparse.ArgumentParser, repeats: int) -> None:
     p.add_argument("--repeats", type=int, default=repeats)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--json", default=None, help="also write the JSON document here")
+
+
+def shape_meta(a: argparse.Namespace) -> dict:
+    """What every multi-rank benchmark's JSON records about where and at which shapes it ran."""
+    return {
+        "torch": torch.__version__,
+        "threads_per_rank": a.threads,
+        "machine": platform.machine(),
+        "world": a.world,
+        "tokens_per_rank": a.tokens,
+        "d_model": a.d_model,
+        "d_ff": a.d_ff,
+        "experts": a.experts,
+    }
 
 
 def _rank(rank: int, world: int, port: int, body: Body, a: argparse.Namespace, out) -> None:
