@@ -102,9 +102,9 @@ def train(world: int, rank: int | None, groups=None, threshold: float | None = 1
     return model, opt, events
 
 
-def case_oracle(world: int) -> dict:
+def case_oracle(world: int, ep_size: int) -> dict:
     rank = dist.get_rank()
-    groups = dist_pool.groups(world)
+    groups = dist_pool.groups(ep_size)
     ref_model, ref_opt, ref_events = train(world, None)
     model, opt, events = train(world, rank, groups)
     ref, mine = by_id(ref_model, ref_opt), by_id(model, opt)
@@ -120,9 +120,10 @@ def case_oracle(world: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_adaptation_oracle(world: int) -> None:
-    results = dist_pool.pool(world).run(case_oracle, world)
+@pytest.mark.parametrize(("world", "ep_size"), [(2, 2), (3, 3), (4, 2)])
+def test_adaptation_oracle(world: int, ep_size: int) -> None:
+    """(4, 2): two expert-parallel groups migrate side by side and must stay identical replicas."""
+    results = dist_pool.pool(world).run(case_oracle, world, ep_size)
     first = results[0]
     kinds = {e[0] for e in first["events"]}
     assert {"adapt", "rebalance"} <= kinds, first["events"]  # the run really added/removed and rebalanced
@@ -135,8 +136,11 @@ def test_adaptation_oracle(world: int) -> None:
         assert res["events"] == first["events"] and res["ids"] == first["ids"]
         assert res["missing"] == []
         assert res["worst"][1] < 1e-9, res["worst"]
-    owned = sorted(i for res in results for i in res["local"])
-    assert owned == sorted(first["ids"])  # every expert lives on exactly one rank
+    for group_start in range(0, world, ep_size):  # every expert lives on exactly one rank of each EP group
+        owned = sorted(i for res in results[group_start : group_start + ep_size] for i in res["local"])
+        assert owned == sorted(first["ids"])
+    for r in range(ep_size, world):  # expert-data-parallel replicas hold the same experts
+        assert results[r]["local"] == results[r % ep_size]["local"]
 
 
 def snapshot(layer: MoELayer, opt: MoEAdam) -> dict[int, list[torch.Tensor]]:
