@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from dynmoe_dist.parallel.bootstrap import free_port
+from dynmoe_dist.parallel.bootstrap import free_port, init_local_rank
 
 COLLECTIVE_TIMEOUT_S = 60.0
 _GROUPS: dict[int, Any] = {}
@@ -32,20 +32,11 @@ def groups(ep_size: int):
 
 
 def _worker(rank: int, world: int, port: int, tasks, results, timeout_s: float) -> None:
-    import datetime
 
-    import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     os.environ.setdefault("WANDB_MODE", "offline")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    init_local_rank(rank, world, port, timeout_s)
     while True:
         task = tasks.get()
         if task is None:

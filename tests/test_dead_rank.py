@@ -6,17 +6,15 @@ plus a margin, and fails the test if any of them has not reported by then.
 
 from __future__ import annotations
 
-import datetime
 import os
 import queue
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_pool import free_port
+from dynmoe_dist.parallel.bootstrap import free_port, init_local_rank
 
 TIMEOUT_S = 5.0
 MARGIN_S = 25.0
@@ -27,14 +25,7 @@ def _worker(rank: int, port: int, mode: str, results) -> None:
     from dynmoe_dist import MoELayer
     from dynmoe_dist.parallel import CollectiveError, build_groups
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+    init_local_rank(rank, WORLD, port, TIMEOUT_S)
     groups = build_groups(WORLD)
     layer = MoELayer(8, 16, 6, "top_k", groups=groups, seed=0)
     x = torch.randn(32, 8)

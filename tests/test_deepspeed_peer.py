@@ -9,7 +9,6 @@ recomputed from the reference routing. Runs standalone too: ``python tests/test_
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import os
 import queue
@@ -22,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dynmoe_dist.parallel.bootstrap import free_port
+from dynmoe_dist.parallel.bootstrap import free_port, init_local_rank
 
 WORLD = 2
 EP = 2
@@ -120,16 +119,9 @@ def _worker(rank: int, port: int, results) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
+    init_local_rank(rank, WORLD, port, COLLECTIVE_TIMEOUT_S)
     try:
         results.put((rank, None, _check_rank(rank)))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent

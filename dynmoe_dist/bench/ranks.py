@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import queue
 from collections.abc import Callable
@@ -12,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..parallel.bootstrap import free_port
+from ..parallel.bootstrap import free_port, init_local_rank
 
 Body = Callable[[int, int, argparse.Namespace], list[dict]]
 
@@ -45,14 +44,7 @@ def shape_meta(a: argparse.Namespace) -> dict:
 
 
 def _rank(rank: int, world: int, port: int, body: Body, a: argparse.Namespace, out) -> None:
-    torch.set_num_threads(a.threads)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=600),
-    )
+    init_local_rank(rank, world, port, timeout_s=600, threads=a.threads)
     rows = body(rank, world, a)
     if rank == 0:
         out.put(rows)

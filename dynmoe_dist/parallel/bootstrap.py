@@ -520,3 +520,18 @@ def shutdown() -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def init_local_rank(rank: int, world_size: int, port: int, timeout_s: float = 600.0, threads: int = 1) -> None:
+    """Join a gloo group of processes spawned on this machine (tests, benchmarks): loopback, one port, a timeout."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
