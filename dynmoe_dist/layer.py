@@ -122,7 +122,7 @@ class MoELayer(nn.Module):
     def install(self, table: PlacementTable, next_expert_id: int) -> None:
         """Adopt a new placement whose rows were already written into the parameters (adapt/protocol commit)."""
         device = self.router.expert_ids.device
-        rank = self.groups.ep_rank if self.groups is not None and self.groups.ep_size > 1 else 0
+        rank = self.groups.ep_rank if self.groups is not None else 0
         self.router.expert_ids = torch.tensor(table.expert_ids, dtype=torch.int64, device=device)
         self.experts.expert_ids = torch.tensor(table.experts_on(rank), dtype=torch.int64, device=device)
         self.next_expert_id.fill_(next_expert_id)

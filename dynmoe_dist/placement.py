@@ -80,7 +80,23 @@ class PlacementTable:
         return [p for _, p in pairs]
 
     def counts_per_rank(self) -> list[int]:
-        return [sum(1 for o in self.owners if o == r) for r in range(self.ep_size)]
+        return list(self.rank_sizes)
+
+    @cached_property
+    def rank_sizes(self) -> tuple[int, ...]:
+        """Experts per rank (read on every forward, so computed once per table)."""
+        sizes = [0] * self.ep_size
+        for o in self.owners:
+            sizes[o] += 1
+        return tuple(sizes)
+
+    @cached_property
+    def rank_offsets(self) -> tuple[int, ...]:
+        """Where each rank's block starts in (rank, slot) order; one more entry for the end."""
+        offsets = [0]
+        for c in self.rank_sizes:
+            offsets.append(offsets[-1] + c)
+        return tuple(offsets)
 
     def owner_of(self, expert_id: int) -> int:
         return self.owners[self.expert_ids.index(expert_id)]
@@ -88,9 +104,7 @@ class PlacementTable:
     @cached_property
     def dispatch_index(self) -> torch.Tensor:
         """[E] int64: position -> index in (owner rank, slot) order, the order rows travel in."""
-        offsets = [0]
-        for c in self.counts_per_rank():
-            offsets.append(offsets[-1] + c)
+        offsets = self.rank_offsets
         return torch.tensor([offsets[o] + s for o, s in zip(self.owners, self.slots)], dtype=torch.int64)
 
     def digest(self) -> str:

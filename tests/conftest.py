@@ -79,10 +79,15 @@ def _switch_balance(probs: list[list[torch.Tensor]], choice: list[list[int]], nu
 
 
 def ref_top_k(x: torch.Tensor, w: torch.Tensor, k: int, renormalize: bool = True, balance_weight: float = 0.01):
+    return _ref_softmax_top(x, w, [k] * x.shape[0], renormalize, balance_weight)
+
+
+def _ref_softmax_top(x: torch.Tensor, w: torch.Tensor, ks: list[int], renormalize: bool, balance_weight: float):
+    """Token t takes the ks[t] most probable experts of softmax(w x_t); shared by top-k and importance-k."""
     probs, choice, chosen_lists = [], [], []
     for t in range(x.shape[0]):
         p = _softmax_row([w[e] @ x[t] for e in range(w.shape[0])])
-        chosen = _descending(p)[:k]
+        chosen = _descending(p)[: ks[t]]
         norm = sum(p[e] for e in chosen) if renormalize else 1.0
         choice.append({e: p[e] / norm for e in chosen})
         probs.append(p)
@@ -139,18 +144,7 @@ def ref_k_from_importance(imp: list[float], k_max: int) -> list[int]:
 
 
 def ref_importance_k(x: torch.Tensor, w: torch.Tensor, ks: list[int], balance_weight: float = 0.01):
-    probs, choice, chosen_lists = [], [], []
-    for t in range(x.shape[0]):
-        p = _softmax_row([w[e] @ x[t] for e in range(w.shape[0])])
-        chosen = _descending(p)[: ks[t]]
-        norm = sum(p[e] for e in chosen)
-        choice.append({e: p[e] / norm for e in chosen})
-        probs.append(p)
-        chosen_lists.append(chosen)
-    losses = {}
-    if balance_weight:
-        losses["balance"] = balance_weight * _switch_balance(probs, chosen_lists, w.shape[0])
-    return RefRoute(choice, losses, {"probs": probs})
+    return _ref_softmax_top(x, w, ks, True, balance_weight)
 
 
 def ref_relu(x: torch.Tensor, w: torch.Tensor, l1_coef: float):

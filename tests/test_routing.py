@@ -83,13 +83,17 @@ def importance_for(spec, seed: int, num_tokens: int):
     return torch.rand(num_tokens, generator=g, dtype=torch.float64)
 
 
+def routed_case(name: str, seed: int, rng, training: bool):
+    """(spec, router, x, importance) for one gate configuration and seed."""
+    spec = SPECS[name]
+    router = make_router(spec, seed, scale=SCALE.get(spec["kind"], 1.0)).train(training)
+    return spec, router, rng(seed, S, D), importance_for(spec, seed, S)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_gate_matches_reference(name, seed, rng, ref):
-    spec = SPECS[name]
-    router = make_router(spec, seed, scale=SCALE.get(spec["kind"], 1.0)).train()
-    x = rng(seed, S, D)
-    importance = importance_for(spec, seed, S)
+    spec, router, x, importance = routed_case(name, seed, rng, training=True)
     plan = router(x, importance)
     expected = ref.route(router, x, importance)
     assert_matches(plan, expected, S, E)
@@ -108,10 +112,7 @@ def test_gate_matches_reference(name, seed, rng, ref):
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_eval_mode_matches_reference(name, seed, rng, ref):
     """Every gate also matches in evaluation mode (Top-Any then routes k = 0 tokens to the most similar expert)."""
-    spec = SPECS[name]
-    router = make_router(spec, seed, scale=SCALE.get(spec["kind"], 1.0)).eval()
-    x = rng(seed, S, D)
-    importance = importance_for(spec, seed, S)
+    _, router, x, importance = routed_case(name, seed, rng, training=False)
     assert_matches(router(x, importance), ref.route(router, x, importance), S, E)
 
 

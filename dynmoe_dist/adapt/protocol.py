@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..layer import MoELayer
 from ..optim import STATE_KEYS, MoEAdam
-from ..parallel.collectives import all_reduce, all_to_all_single, guarded
+from ..parallel.collectives import CollectiveError, all_reduce, all_to_all_single, guarded
 from ..parallel.groups import ParallelGroups
 from ..placement import PlacementTable
 from .planner import imbalance, moved_experts
@@ -81,11 +81,9 @@ def transfers(decision: Decision, old: PlacementTable, new: PlacementTable) -> l
 
 
 def payload_bytes(layer: MoELayer, kind: str) -> int:
-    total = 0
-    for w in layer.experts.weights().values():
-        row = w[0].numel() * w.element_size() if w.shape[0] else w.shape[1:].numel() * w.element_size()
-        total += row * (3 if kind == "move" else 1) + (8 if kind == "move" else 0)
-    return total
+    """Bytes one expert's transfer takes: every weight row, plus both Adam moments and an int64 step for a move."""
+    row = sum(w.shape[1:].numel() * w.element_size() for w in layer.experts.weights().values())
+    return 3 * row + 8 * len(layer.experts.weights()) if kind == "move" else row
 
 
 def stack_rows(rows: list[torch.Tensor], shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -153,8 +151,8 @@ class ExpertMigration:
             if self.fault is not None:
                 self.fault("staged")
         except Exception as exc:  # noqa: BLE001 - any local failure becomes a "no" vote, never a hang
-            if isinstance(exc, dist.DistError):
-                raise
+            if isinstance(exc, CollectiveError):
+                raise  # the group itself is broken: a vote would only wait for the same dead peer again
             error = f"{type(exc).__name__}: {exc}"
         if self.vote(staged is not None and not error):
             self.commit(staged, new, decision)
@@ -193,12 +191,12 @@ class ExpertMigration:
         for t in crossing:
             if t.src != me:
                 continue
-            slot = torch.tensor([local[t.expert_id]])
+            slot = local[t.expert_id]
             for name in sorted(weights):
                 w = weights[name]
-                send_parts.append(as_bytes(w.detach()[slot[0]]))
+                send_parts.append(as_bytes(w.detach()[slot]))
                 if t.kind == "move":
-                    state = self.opt.rows_of(w, slot)
+                    state = self.opt.rows_of(w, torch.tensor([slot]))
                     send_parts += [as_bytes(state["exp_avg"][0]), as_bytes(state["exp_avg_sq"][0])]
                     send_parts.append(as_bytes(state["step"]))
             send_splits[t.dst] += payload_bytes(self.layer, t.kind)

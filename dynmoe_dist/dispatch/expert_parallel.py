@@ -30,9 +30,7 @@ from .traffic import Traffic
 def send_order(table: PlacementTable, rank: int) -> torch.Tensor:
     """[E] position -> send position: ``rank``'s own experts first (by slot), then the others by (rank, slot)."""
     index = table.dispatch_index
-    counts = table.counts_per_rank()
-    lo = sum(counts[:rank])
-    hi = lo + counts[rank]
+    lo, hi = table.rank_offsets[rank], table.rank_offsets[rank + 1]
     own = (index >= lo) & (index < hi)
     return torch.where(own, index - lo, torch.where(index < lo, index + (hi - lo), index))
 
@@ -63,26 +61,32 @@ class ExpertParallelDispatcher:
     @placement.setter
     def placement(self, table: PlacementTable) -> None:
         self._placement = table
-        self._send_order = send_order(table, self.groups.ep_rank)
+        self._keys: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keys(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position -> (rank, slot) order and position -> send order, on ``device``; built once per table."""
+        if device not in self._keys:
+            table = self._placement
+            order = send_order(table, self.groups.ep_rank)
+            self._keys[device] = (table.dispatch_index.to(device), order.to(device))
+        return self._keys[device]
 
     def run(self, x: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> tuple[torch.Tensor, Traffic]:
         table = self.placement
         world, me, group = self.groups.ep_size, self.groups.ep_rank, self.groups.ep_group
-        per_rank = table.counts_per_rank()
+        per_rank, bounds = list(table.rank_sizes), table.rank_offsets
         n_local = per_rank[me]
+        rank_key, send_key = self.keys(plan.expert.device)
 
         # counts in (rank, slot) order for the exchange; rows in send order (own experts first)
-        device = plan.expert.device
-        rank_order = torch.bincount(table.dispatch_index.to(device)[plan.expert], minlength=table.num_experts)
+        rank_order = torch.bincount(rank_key[plan.expert], minlength=table.num_experts)
         received = exchange_counts(rank_order, per_rank, n_local, world, group, f"{self.name}.dispatch.counts")
         per_source = received.view(world, n_local).tolist()  # [source rank][my slot]
         counts = rank_order.tolist()
-        bounds = [sum(per_rank[:r]) for r in range(world + 1)]
         send_splits = [0 if r == me else sum(counts[bounds[r] : bounds[r + 1]]) for r in range(world)]
         recv_splits = [0 if r == me else sum(row) for r, row in enumerate(per_source)]
 
-        send_key = self._send_order.to(device)[plan.expert]
-        perm = sort_by_expert(plan.token, send_key, plan.weight, table.num_experts)
+        perm = sort_by_expert(plan.token, send_key[plan.expert], plan.weight, table.num_experts)
         rows = gather_rows(x, perm)
         n_self = sum(per_source[me])
         own = [(slot, n) for slot, n in enumerate(per_source[me]) if n]
