@@ -105,7 +105,7 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, self.d_model)
         if self.check_finite:
             self.assert_finite(flat, "input")
-        plan = self.router(flat, importance)
+        plan = self.route(flat, importance)
         plan, dropped = apply_capacity(plan, self.capacity_factor)
         plan.stats.dropped = dropped
         if self.recorder is not None and self.training:
@@ -114,6 +114,15 @@ class MoELayer(nn.Module):
         if self.check_finite:
             self.assert_finite(out, "output")
         return out.view(x.shape), MoEAux(plan.aux_loss(), plan.aux_losses, plan.stats, traffic)
+
+    def route(self, flat: torch.Tensor, importance: torch.Tensor | None):
+        """The gate runs in its own parameters' dtype with autocast off, whatever the activations' dtype.
+
+        Under bf16 training the MoE parameters stay fp32 (they are their own master copy): thresholds, cosine
+        similarities and top-k picks are then not left to bf16 rounding, as DeepSpeed and Megatron also route in fp32.
+        """
+        with torch.autocast(flat.device.type, enabled=False):
+            return self.router(flat.to(self.router.weight.dtype), importance)
 
     def row_parameters(self) -> list[nn.Parameter]:
         """Parameters whose leading dimension is the expert: gate rows (by position) and expert weights (by slot)."""

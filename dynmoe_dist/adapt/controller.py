@@ -85,7 +85,7 @@ class AdaptController:
     def adapt(self, layer: MoELayer) -> AdaptEvent | None:
         """Close ``layer``'s window and apply what it calls for (collective over the world)."""
         world = self.groups.world_group if self.groups is not None else None
-        window = layer.recorder.reduce(layer.router.expert_ids.tolist(), world)
+        window = layer.recorder.reduce(layer.router.expert_ids.tolist(), world, layer.router.expert_ids.device)
         decision = POLICIES[self.cfg.policy_name](window, int(layer.next_expert_id), self.cfg.policy)
         loads = window.tokens_by_id()
         old = layer.placement

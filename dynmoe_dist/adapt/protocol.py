@@ -86,9 +86,9 @@ def payload_bytes(layer: MoELayer, kind: str) -> int:
     return 3 * row + 8 * len(layer.experts.weights()) if kind == "move" else row
 
 
-def stack_rows(rows: list[torch.Tensor], shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+def stack_rows(rows: list[torch.Tensor], shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A fresh [n, ...] tensor from n rows (a fresh empty one for n = 0)."""
-    return torch.stack(rows) if rows else torch.zeros(shape, dtype=dtype)
+    return torch.stack(rows) if rows else torch.zeros(shape, dtype=dtype, device=device)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -113,6 +113,11 @@ class ExpertMigration:
         self.layer, self.opt, self.groups = layer, optimizer, groups
         self.dense_init = dense_init
         self.fault = fault
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layer lives: NCCL collectives need their tensors there, not on the CPU."""
+        return self.layer.router.expert_ids.device
 
     @property
     def ep_rank(self) -> int:
@@ -166,13 +171,13 @@ class ExpertMigration:
         group = self.world_group()
         if group is None:
             return True
-        mine = torch.tensor([digest(decision.key(), old.digest(), new.digest())], dtype=torch.int64)
+        mine = torch.tensor([digest(decision.key(), old.digest(), new.digest())], dtype=torch.int64, device=self.device)
         everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
         guarded("adapt.agree", lambda: dist.all_gather(everyone, mine, group=group))
         return all(int(t) == int(mine) for t in everyone)
 
     def vote(self, ok: bool) -> bool:
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=self.device)
         group = self.world_group()
         if group is not None:
             all_reduce(flag, group, "adapt.vote", op=dist.ReduceOp.MIN)
@@ -196,7 +201,7 @@ class ExpertMigration:
                 w = weights[name]
                 send_parts.append(as_bytes(w.detach()[slot]))
                 if t.kind == "move":
-                    state = self.opt.rows_of(w, torch.tensor([slot]))
+                    state = self.opt.rows_of(w, torch.tensor([slot], device=w.device))
                     send_parts += [as_bytes(state["exp_avg"][0]), as_bytes(state["exp_avg_sq"][0])]
                     send_parts.append(as_bytes(state["step"]))
             send_splits[t.dst] += payload_bytes(self.layer, t.kind)
@@ -204,8 +209,8 @@ class ExpertMigration:
         for t in crossing:
             if t.dst == me:
                 recv_splits[t.src] += payload_bytes(self.layer, t.kind)
-        send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=torch.uint8)
-        recv = torch.empty(sum(recv_splits), dtype=torch.uint8)
+        send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=torch.uint8, device=self.device)
+        recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=self.device)
         all_to_all_single(recv, send, recv_splits, send_splits, self.groups.ep_group, "adapt.exchange")
         received: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         offsets = [sum(recv_splits[:r]) for r in range(world)]
@@ -240,7 +245,9 @@ class ExpertMigration:
         layer, me = self.layer, self.ep_rank
         removed = set(decision.remove)
         old_ids = layer.router.expert_ids.tolist()
-        keep = torch.tensor([p for p, i in enumerate(old_ids) if i not in removed], dtype=torch.int64)
+        keep = torch.tensor(
+            [p for p, i in enumerate(old_ids) if i not in removed], dtype=torch.int64, device=self.device
+        )
         n_new = len(decision.add)
         # gate rows: replicated, so every rank edits its own copy the same way
         for name, p in layer.router.row_parameters().items():
@@ -251,7 +258,7 @@ class ExpertMigration:
                 if name == "weight":
                     fresh = torch.stack([n.gate_row.to(p.dtype) for n in decision.add])
                 rows = torch.cat([rows, fresh])
-                state = {k: torch.cat([v, torch.zeros((n_new, *v.shape[1:]), dtype=v.dtype)]) for k, v in state.items()}
+                state = {k: torch.cat([v, v.new_zeros((n_new, *v.shape[1:]))]) for k, v in state.items()}
             staged.router_rows[name] = (rows, state)
         # expert bank: the experts this rank owns in the new placement, in slot order
         bank, weights = layer.experts, layer.experts.weights()
@@ -276,16 +283,16 @@ class ExpertMigration:
                     states["step"].append(rows[name + ".step"][0])
                 else:
                     data.append(self.initial_row(new_experts[expert_id], name, w, local, copies_here, received))
-                    states["exp_avg"].append(torch.zeros(w.shape[1:], dtype=w.dtype))
-                    states["exp_avg_sq"].append(torch.zeros(w.shape[1:], dtype=w.dtype))
-                    states["step"].append(torch.zeros((), dtype=torch.int64))
+                    states["exp_avg"].append(w.new_zeros(w.shape[1:]))
+                    states["exp_avg_sq"].append(w.new_zeros(w.shape[1:]))
+                    states["step"].append(torch.zeros((), dtype=torch.int64, device=w.device))
             shape = (len(mine), *w.shape[1:])
             state = {
-                "exp_avg": stack_rows(states["exp_avg"], shape, w.dtype),
-                "exp_avg_sq": stack_rows(states["exp_avg_sq"], shape, w.dtype),
-                "step": stack_rows(states["step"], (len(mine),), torch.int64),
+                "exp_avg": stack_rows(states["exp_avg"], shape, w.dtype, w.device),
+                "exp_avg_sq": stack_rows(states["exp_avg_sq"], shape, w.dtype, w.device),
+                "step": stack_rows(states["step"], (len(mine),), torch.int64, w.device),
             }
-            staged.bank_rows[name] = (stack_rows(data, shape, w.dtype), state)
+            staged.bank_rows[name] = (stack_rows(data, shape, w.dtype, w.device), state)
         return staged
 
     def initial_row(self, new, name, w, local, copies_here, received) -> torch.Tensor:
@@ -296,8 +303,8 @@ class ExpertMigration:
         if new.init == "dense":
             if self.dense_init is None or name not in self.dense_init:
                 raise ValueError(f"init='dense' needs dense_init with {name}; give the dense FFN weights")
-            return self.dense_init[name].to(w.dtype)
-        return self.layer.experts.fresh_rows(new.expert_id)[name]
+            return self.dense_init[name].to(w.device, w.dtype)
+        return self.layer.experts.fresh_rows(new.expert_id)[name].to(w.device)
 
     def commit(self, staged: Staged, new: PlacementTable, decision: Decision) -> None:
         layer = self.layer

@@ -52,10 +52,13 @@ class RoutingRecorder:
         self.unrouted[:-1] += stats.unrouted_sum.detach().to("cpu", torch.float64)
         self.unrouted[-1] += float(stats.unrouted_count)
 
-    def reduce(self, expert_ids: list[int], world_group) -> WindowStats:
-        """Sum this window over the world (one all-reduce) and return it; every rank gets the same numbers."""
+    def reduce(self, expert_ids: list[int], world_group, device: torch.device | str = "cpu") -> WindowStats:
+        """Sum this window over the world (one all-reduce) and return it; every rank gets the same numbers.
+
+        ``device``: where the all-reduce runs (the layer's device: NCCL needs CUDA tensors); the result is on the CPU.
+        """
         flat = torch.cat([self.tokens, self.unrouted])
         if world_group is not None:
-            all_reduce(flat, world_group, "adapt.recorder.reduce")
+            flat = all_reduce(flat.to(device), world_group, "adapt.recorder.reduce").cpu()
         e = self.tokens.numel()
         return WindowStats(list(expert_ids), flat[:e], float(flat[-1]), flat[e:-1])

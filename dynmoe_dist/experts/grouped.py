@@ -35,8 +35,10 @@ def grouped_ffn(
     start = 0
     # one unbind per stacked weight: its backward stacks the per-expert gradients once, where indexing w[e] per
     # segment would allocate and add a full-size zero gradient for every segment
-    w_ins, w_outs = w_in.unbind(0), w_out.unbind(0)
-    w_gates = w_gate.unbind(0) if w_gate is not None else [None] * len(w_ins)
+    # Weights follow the rows' dtype: bf16 activations compute in bf16 against fp32 parameters, whose gradients
+    # arrive in fp32 through the cast (a no-op when the dtypes already agree).
+    w_ins, w_outs = w_in.to(rows.dtype).unbind(0), w_out.to(rows.dtype).unbind(0)
+    w_gates = w_gate.to(rows.dtype).unbind(0) if w_gate is not None else [None] * len(w_ins)
     for slot, n in segments:
         if n:
             outputs.append(expert_ffn(rows[start : start + n], w_ins[slot], w_outs[slot], w_gates[slot]))

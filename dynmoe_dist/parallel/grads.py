@@ -55,16 +55,22 @@ def reduce_grads(params: list[nn.Parameter], group, scale: float, name: str) -> 
             p.grad.copy_(g)
 
 
-def sync_gradients(model: nn.Module, groups: ParallelGroups, average: bool = True) -> None:
+def sync_gradients(model: nn.Module, groups: ParallelGroups, average: bool = True, dense: bool = True) -> None:
+    """Reduce every gradient once, with one scale. ``dense=False`` leaves the dense parameters to an engine that
+    reduces them itself (DeepSpeed), and syncs only the gate and expert gradients."""
     kinds = moe_parameter_kinds(model)
     scale = 1.0 / groups.world_size if average else 1.0
-    reduce_grads(kinds["dense"] + kinds["gate"], groups.world_group, scale, "grads.dense+gate")
+    replicated = kinds["dense"] + kinds["gate"] if dense else kinds["gate"]
+    reduce_grads(replicated, groups.world_group, scale, "grads.dense+gate" if dense else "grads.gate")
     reduce_grads(kinds["expert"], groups.edp_group, scale, "grads.expert")
 
 
-def global_count(local: int, groups: ParallelGroups) -> int:
-    """Sum of ``local`` over the world (e.g. tokens), for losses normalised by the global count."""
-    t = torch.tensor([local], dtype=torch.int64)
+def global_count(local: int, groups: ParallelGroups, device: torch.device | str = "cpu") -> int:
+    """Sum of ``local`` over the world (e.g. tokens), for losses normalised by the global count.
+
+    ``device``: where the collective runs (NCCL needs a CUDA tensor).
+    """
+    t = torch.tensor([local], dtype=torch.int64, device=device)
     if groups.world_group is not None:
         all_reduce(t, groups.world_group, "global_count")
     return int(t.item())

@@ -75,7 +75,8 @@ class ImportanceKRouter(Router):
                 raise ShapeError(
                     f"attention probabilities must be [batch, heads, seq, seq]; got {tuple(importance.shape)}"
                 )
-            imp = self.importance_fn(importance.detach())
+            # bf16 attention (mixed-precision training) is read in fp32 at least: k_j rounds imp_j * k_max up
+            imp = self.importance_fn(importance.detach().to(torch.promote_types(importance.dtype, torch.float32)))
         elif importance.dim() in (1, 2):
             imp = importance.detach()
         else:

@@ -33,7 +33,8 @@ class ReLURouter(Router):
         g = torch.relu(x @ self.weight.t())
         mask = g > 0
         if self.training:
-            self.activity += torch.tensor([float(mask.sum()), float(mask.numel())], dtype=torch.float64)
+            self.activity[0] += mask.sum()  # stays on the device: no host sync per forward
+            self.activity[1] += mask.numel()
         token, expert, weight = flatten_mask(mask, g)
         l1 = g.sum(-1).mean() if g.numel() else g.sum()
         return Assignments(token, expert, weight, {"l1": self.l1_coef.to(g.dtype) * l1})
