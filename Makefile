@@ -32,8 +32,13 @@ bench: $(STAMP)
 	$(PY) -m dynmoe_dist.bench expert_parallel --json bench/expert_parallel.json
 	$(PY) -m dynmoe_dist.bench adapt --json bench/adapt.json
 
-train:
-	@echo "make train arrives with the training application (train/): see README.md" && exit 1
+# The demo run: 2 CPU ranks (one per GPU where there are GPUs) through launch/torchrun.sh, then the report.
+# RUN names the run folder (runs/$(RUN)); ARGS takes hydra overrides, e.g. make train ARGS="moe=top_k steps=100".
+RUN ?= demo
+ARGS ?=
+train: $(STAMP)
+	OMP_NUM_THREADS=1 PYTHON=$(PY) launch/torchrun.sh name=$(RUN) $(ARGS)
+	$(PY) -m dynmoe_dist.train.report runs/$(RUN)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

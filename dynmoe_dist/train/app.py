@@ -1,0 +1,122 @@
+"""``dynmoe-train`` / ``python -m dynmoe_dist.train``: the hydra application every launcher starts.
+
+    dynmoe-train                                   # the demo: configs/config.yaml
+    dynmoe-train moe=top_k adapt=off steps=100     # presets and overrides, hydra style
+    torchrun --nproc_per_node 8 -m dynmoe_dist.train model=small engine.zero_stage=2
+
+Order, chosen so that a mistake costs nothing: hydra composes and type-checks the config (unknown keys and wrong
+types stop here, named); ``check_config`` rejects combinations that cannot work on the launcher's world size; the data
+is read and split. Only then does the process group start. Every rank runs the same checks on the same inputs, so all
+of them stop together with the same message (printed once, by rank 0) instead of leaving peers waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import DynMoEError
+from ..parallel.bootstrap import detect_env
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+log = logging.getLogger("dynmoe_dist.train")
+
+
+def fail(message: str, rank: int) -> None:
+    if rank == 0:
+        print(f"dynmoe-train: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank {rank}] %(name)s: %(message)s", force=True)
+    logging.getLogger("dynmoe_dist.adapt").setLevel(logging.WARNING)  # events are reported by the trainer
+
+
+def run(cfg: DictConfig) -> None:
+    import torch
+
+    from .config import TrainConfig, check_config, ep_size_for
+    from .data import load_corpus
+
+    env = detect_env()
+    setup_logging(env.rank)
+    tc: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        check_config(tc, env.world_size)
+        corpus = load_corpus(tc.data)
+        device = pick_device(tc.parallel.device, env.local_rank)
+    except DynMoEError as exc:
+        fail(str(exc), env.rank)
+
+    from ..parallel import build_groups
+    from ..parallel.bootstrap import init_distributed, shutdown
+    from .run_folder import RunFolder, clear, existing_run_error, holds_run
+    from .trainer import Trainer
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    env = init_distributed(timeout_s=tc.parallel.timeout_s, backend=backend, env=env)
+    groups = build_groups(ep_size_for(tc, env.world_size))
+    path = Path(tc.out_dir) / tc.name
+    clash = torch.tensor([int(env.rank == 0 and holds_run(path) and not tc.overwrite)], device=device)
+    if groups.world_group is not None:
+        torch.distributed.all_reduce(clash, group=groups.world_group)  # every rank learns rank 0's verdict
+    if int(clash.max()):
+        shutdown()
+        fail(str(existing_run_error(path)), env.rank)
+    sink = None
+    if env.rank == 0:
+        if tc.overwrite:
+            clear(path)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        sink = RunFolder(path, OmegaConf.to_yaml(cfg, resolve=True), resolved, tc.logging.wandb, tc.logging.project)
+        log.info(
+            "training %s: %d ranks (expert-parallel %d), %s engine, device %s, data: %s",
+            tc.name,
+            env.world_size,
+            groups.ep_size,
+            tc.engine.name,
+            device,
+            corpus.description,
+        )
+    try:
+        trainer = Trainer(tc, corpus, groups, device, sink)
+        trainer.fit()
+    finally:
+        lines = sink.close() if sink is not None else []
+    shutdown()
+    for line in lines:
+        print(line, flush=True)
+
+
+def pick_device(choice: str, local_rank: int):
+    import torch
+
+    from ..errors import ConfigError
+
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("parallel.device", choice, "cpu or auto on a host without CUDA")
+        count = torch.cuda.device_count()
+        return torch.device("cuda", local_rank if local_rank < count else 0)
+    return torch.device("cpu")
+
+
+def main() -> None:
+    if not (CONFIG_DIR / "config.yaml").exists():
+        print(
+            f"dynmoe-train: no configs/ found at {CONFIG_DIR}; install dynmoe_dist editable from a checkout "
+            "(pip install -e .) or pass --config-dir",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    import hydra
+
+    from .config import register_configs
+
+    register_configs()
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(run)()

@@ -1,0 +1,362 @@
+"""The training application's configuration: typed dataclasses registered in hydra's ConfigStore, plus the checks
+of combinations that cannot work.
+
+The YAML files in the top-level ``configs/`` are presets merged into these dataclasses, so hydra rejects an unknown key
+or a wrong type itself, naming the key (``Key 'foo' not in 'ModelConfig'``, ``Value 'x' could not be converted to
+Integer ... full_key: model.d_model``). ``check_config`` then rejects what each value allows on its own but the
+combination does not (an expert-parallel size that does not divide the world, a gate option given to another gate,
+...), before any process group starts: a bad combination found later would cost every rank a timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from ..adapt import AdaptConfig, PolicyConfig
+from ..errors import ConfigError, check
+from ..routing.config import CONFIGS, router_config
+
+# Optional[...] rather than "X | None": OmegaConf reads the annotations at runtime and wants typing's form.
+# ruff: noqa: UP007, UP045
+
+
+def _router_options() -> type:
+    """One dataclass with every gate's options, each optional (None: that gate's default), and ``kind``.
+
+    Built from ``routing/config.py``, so a new gate option is accepted here without a second list. Hydra checks each
+    option's type; ``check_config`` checks that every option given belongs to the gate ``kind`` names.
+    """
+    found: dict[str, type] = {}
+    for cls in CONFIGS.values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            found.setdefault(f.name, hint)
+    found.pop("kind")
+    specs = [("kind", str, "top_any")] + [(n, Optional[t], None) for n, t in sorted(found.items())]
+    cls = dataclasses.make_dataclass("RouterOptions", specs)
+    cls.__module__ = __name__
+    cls.__doc__ = "Gate options: `kind` picks the gate; every other field belongs to some gate and defaults to None."
+    return cls
+
+
+RouterOptions = _router_options()
+
+
+def gates_with(option: str) -> list[str]:
+    return sorted(kind for kind, cls in CONFIGS.items() if option in {f.name for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer: pre-norm blocks, tied embeddings; every ``moe_every``-th block has an MoE layer."""
+
+    vocab_size: int = 256  # byte-level tokens by default
+    d_model: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    d_ff: int = MISSING  # hidden size of the dense blocks' MLP
+    max_seq_len: int = MISSING
+    moe_every: int = 2  # blocks 2, 4, ... (1-based) hold an MoE layer; 1: every block
+    positions: str = "rotary"  # rotary | learned
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    dropout: float = 0.0
+
+
+@dataclass
+class MoESettings:
+    num_experts: int = 8  # at start; adaptation changes it between adapt.min_experts and adapt.max_experts
+    d_ff: Optional[int] = None  # expert hidden size; None: model.d_ff
+    activation: str = "gelu"  # gelu | swiglu
+    capacity_factor: Optional[float] = None  # None: dropless
+    check_finite: bool = False
+    router: RouterOptions = field(default_factory=RouterOptions)  # type: ignore[valid-type]
+
+
+@dataclass
+class AdaptSettings:
+    """DynMoE's adaptation schedule and rule (ALGORITHMS.md section 5), counted in optimizer steps."""
+
+    enabled: bool = True
+    record_steps: int = 300
+    idle_steps: int = 600
+    min_experts: int = 1
+    max_experts: int = 64
+    max_add: int = 1
+    init: str = "copy"  # copy | random (init=dense needs FFN weights: library API only)
+    rebalance_threshold: Optional[float] = 1.25  # max/mean rank load that triggers a rebalance; None: never
+    max_experts_per_rank: Optional[int] = None
+    tolerance: float = 0.05
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: Optional[int] = None  # expert-parallel size; None: the world size
+    timeout_s: float = 600.0  # bound on every collective: a dead rank becomes an error, not a hang
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+
+
+@dataclass
+class EngineConfig:
+    name: str = "deepspeed"  # deepspeed | torch
+    zero_stage: int = 0  # DeepSpeed ZeRO stage for the dense parameters: 0, 1 or 2
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp64 (oracle tests)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra ds_config keys (e.g. zero bucket sizes)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    moe_lr: Optional[float] = None  # None: lr
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # dense matrices only; norms, embeddings' bias-free rows and MoE parameters: none
+    grad_clip: float = 1.0  # on one global norm over dense and MoE gradients; 0: off
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | text | jsonl | bin
+    path: Optional[str] = None  # text: a file or folder; jsonl: a file; bin: a file of tokens
+    pattern: str = "*"  # text folders: files matching this glob, recursively
+    text_field: str = "text"  # jsonl
+    dtype: str = "uint16"  # bin: uint16 | uint32
+    val_fraction: float = 0.02
+    seq_len: int = 128
+    batch_size: int = 16  # sequences per rank and step
+    val_sequences: int = 64  # validation sequences (over the world), the same set whatever the world size
+    seed: int = 1234
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps per metrics line
+    val_every: int = 50
+    wandb: str = "offline"  # online | offline | disabled
+    project: str = "dynmoe_dist"
+    progress: str = "auto"  # auto (a bar on a terminal, lines otherwise) | bar | lines | none
+
+
+@dataclass
+class TrainConfig:
+    name: str = "demo"
+    out_dir: str = "runs"
+    overwrite: bool = False  # replace the metrics of an earlier run of the same name
+    seed: int = 0
+    steps: int = 300
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoESettings = field(default_factory=MoESettings)
+    adapt: AdaptSettings = field(default_factory=AdaptSettings)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    """The schema the YAML presets merge into; ``configs/config.yaml`` lists it first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# combinations
+
+
+CHOICES = {
+    "model.positions": ("rotary", "learned"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "moe.activation": ("gelu", "swiglu"),
+    "adapt.init": ("copy", "random"),
+    "parallel.device": ("auto", "cpu", "cuda"),
+    "engine.name": ("deepspeed", "torch"),
+    "engine.precision": ("auto", "fp32", "bf16", "fp64"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "data.source": ("stdlib", "text", "jsonl", "bin"),
+    "data.dtype": ("uint16", "uint32"),
+    "logging.wandb": ("online", "offline", "disabled"),
+    "logging.progress": ("auto", "bar", "lines", "none"),
+}
+
+# ds_config keys the application derives from the hydra config; setting them in engine.deepspeed would fork the truth
+OWNED_DS_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+    "bf16",
+    "fp16",
+    "zero_optimization.stage",
+)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def router_spec(moe: Any) -> dict[str, Any]:
+    """The gate options that were given (None fields dropped), with ``kind``: what ``MoELayer(router=...)`` takes."""
+    opts = moe.router
+    names = [f.name for f in dataclasses.fields(RouterOptions)]
+    return {n: _get(opts, n) for n in names if _get(opts, n) is not None}
+
+
+def adapt_config(a: AdaptSettings) -> AdaptConfig:
+    policy = PolicyConfig(min_experts=a.min_experts, max_experts=a.max_experts, max_add=a.max_add, init=a.init)
+    return AdaptConfig(
+        record_steps=a.record_steps,
+        idle_steps=a.idle_steps,
+        policy=policy,
+        rebalance_threshold=a.rebalance_threshold,
+        max_experts_per_rank=a.max_experts_per_rank,
+        tolerance=a.tolerance,
+    )
+
+
+def ep_size_for(cfg: Any, world_size: int) -> int:
+    return world_size if cfg.parallel.ep_size is None else cfg.parallel.ep_size
+
+
+def check_config(cfg: Any, world_size: int) -> None:
+    """Raise ``ConfigError`` naming the setting when the configuration cannot work on ``world_size`` ranks."""
+    for key, allowed in CHOICES.items():
+        check(_get(cfg, key) in allowed, key, _get(cfg, key), " | ".join(allowed))
+    m, moe, a, d = cfg.model, cfg.moe, cfg.adapt, cfg.data
+    positive = {
+        "steps": cfg.steps,
+        "model.vocab_size": m.vocab_size,
+        "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.d_ff": m.d_ff,
+        "model.max_seq_len": m.max_seq_len,
+        "moe.num_experts": moe.num_experts,
+        "data.seq_len": d.seq_len,
+        "data.batch_size": d.batch_size,
+        "data.val_sequences": d.val_sequences,
+        "logging.every": cfg.logging.every,
+        "logging.val_every": cfg.logging.val_every,
+        "parallel.timeout_s": cfg.parallel.timeout_s,
+    }
+    for key, value in positive.items():
+        check(value > 0, key, value, "a number > 0")
+    check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
+    if m.positions == "rotary":
+        head = m.d_model // m.n_heads
+        check(
+            head % 2 == 0,
+            "model.n_heads",
+            m.n_heads,
+            f"a head size d_model/n_heads that is even for rotary, not {head}",
+        )
+    check(1 <= m.moe_every <= m.n_layers, "model.moe_every", m.moe_every, f"1..model.n_layers={m.n_layers}")
+    check(0 <= m.dropout < 1, "model.dropout", m.dropout, "a probability in [0, 1)")
+    check(
+        d.seq_len <= m.max_seq_len,
+        "data.seq_len",
+        d.seq_len,
+        f"at most model.max_seq_len={m.max_seq_len} (the longest sequence the model's positions cover)",
+    )
+    check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a fraction in (0, 1)")
+    if d.source in ("text", "jsonl", "bin"):
+        check(d.path is not None, "data.path", None, f"a path to the {d.source} data (data.source={d.source})")
+    if moe.d_ff is not None:
+        check(moe.d_ff > 0, "moe.d_ff", moe.d_ff, "an integer > 0 or null (model.d_ff)")
+    if moe.capacity_factor is not None:
+        check(moe.capacity_factor > 0, "moe.capacity_factor", moe.capacity_factor, "null (dropless) or > 0")
+
+    _check_router(moe, a)
+    _check_adapt(cfg, a, world_size)
+    _check_engine(cfg)
+    ep = ep_size_for(cfg, world_size)
+    check(
+        isinstance(ep, int) and ep >= 1 and world_size % ep == 0,
+        "parallel.ep_size",
+        ep,
+        f"a divisor of the world size {world_size} (the number of ranks the launcher started)",
+    )
+    check(math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a learning rate > 0")
+    check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "an integer >= 0")
+    check(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", cfg.optim.min_lr_ratio, "a ratio in [0, 1]")
+
+
+def _check_router(moe: Any, a: AdaptSettings) -> None:
+    spec = router_spec(moe)
+    kind = spec["kind"]
+    check(kind in CONFIGS, "moe.router.kind", kind, " | ".join(sorted(CONFIGS)))
+    own = {f.name for f in dataclasses.fields(CONFIGS[kind])}
+    for option in sorted(set(spec) - own):
+        raise ConfigError(
+            f"moe.router.{option}",
+            spec[option],
+            f"options of the {kind} gate only ({', '.join(sorted(own - {'kind'}))}); {option} belongs to "
+            f"{', '.join(gates_with(option))}: pick that gate with moe=<gate>, or drop moe.router.{option}",
+        )
+    try:
+        gate = router_config(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"moe.router.{exc.setting.removeprefix('router.')}", exc.value, exc.allowed) from None
+    fewest = min(moe.num_experts, a.min_experts) if a.enabled else moe.num_experts
+    for option in ("k", "k_max"):
+        value = getattr(gate, option, None)
+        if value is not None and value > fewest:
+            why = "adapt.min_experts, the fewest experts adaptation may leave" if a.enabled else "moe.num_experts"
+            raise ConfigError(f"moe.router.{option}", value, f"at most {why} ({fewest})")
+
+
+def _check_adapt(cfg: Any, a: AdaptSettings, world_size: int) -> None:
+    if not a.enabled:
+        return
+    adapt_config(a)  # its own checks: windows, min <= max, init rule
+    n = cfg.moe.num_experts
+    check(
+        a.min_experts <= n <= a.max_experts,
+        "moe.num_experts",
+        n,
+        f"between adapt.min_experts={a.min_experts} and adapt.max_experts={a.max_experts}",
+    )
+    if a.max_experts_per_rank is not None:
+        ep = ep_size_for(cfg, world_size)
+        check(
+            a.max_experts_per_rank * ep >= a.max_experts,
+            "adapt.max_experts_per_rank",
+            a.max_experts_per_rank,
+            f">= adapt.max_experts / ep_size = {math.ceil(a.max_experts / ep)} so that {a.max_experts} experts fit",
+        )
+
+
+def _check_engine(cfg: Any) -> None:
+    e = cfg.engine
+    check(e.zero_stage in (0, 1, 2), "engine.zero_stage", e.zero_stage, "0, 1 or 2")
+    if e.name == "torch":
+        check(e.zero_stage == 0, "engine.zero_stage", e.zero_stage, "0 with engine=torch (ZeRO is DeepSpeed's)")
+        check(not e.deepspeed, "engine.deepspeed", dict(e.deepspeed), "empty with engine=torch")
+    for key in OWNED_DS_KEYS:
+        head, _, tail = key.partition(".")
+        if head in e.deepspeed and (not tail or tail in (e.deepspeed[head] or {})):
+            raise ConfigError(
+                f"engine.deepspeed.{key}",
+                "set",
+                "unset: the application derives it (batch sizes from data.batch_size, clipping from optim.grad_clip, "
+                "precision from engine.precision, the stage from engine.zero_stage)",
+            )

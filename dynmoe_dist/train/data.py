@@ -1,0 +1,269 @@
+"""Training data: token sources, a deterministic train/validation split, a sharded stream with a restorable position.
+
+Sources (``data.source``):
+
+- ``stdlib``: the embedded default corpus, the Python standard library's own ``.py`` files (found through
+  ``sysconfig``, ``site-packages`` left out), read as bytes: nothing to download.
+- ``text``: one text file, or every file under a folder matching ``data.pattern``, read as bytes.
+- ``jsonl``: one document per line, its ``data.text_field`` string encoded as UTF-8.
+- ``bin``: pre-tokenised ``uint16``/``uint32`` tokens, read by memory map (nanoGPT's format: a bare array).
+
+Byte-level tokens by default (vocabulary 256, one token per byte, so bits per byte = loss / ln 2). Documents are
+joined with a newline. Split: a document goes to validation when a hash of its name falls in ``val_fraction``, so the
+split does not depend on file order or the machine; a source that is one document (a single file, a ``.bin``) gives
+its last ``val_fraction`` to validation.
+
+The stream cuts the training tokens into sequences of ``seq_len + 1`` tokens (stride ``seq_len``), visits them in a
+seeded permutation per epoch, and gives rank ``r`` the ``r``-th slice of each global batch. Its position is two
+integers (epoch, global cursor), independent of the world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DynMoEError
+from .config import DataConfig
+
+SEPARATOR = b"\n"
+BYTE_VOCAB = 256
+
+
+class DataError(DynMoEError, ValueError):
+    """The data source is missing, unreadable, empty or too short."""
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # 1-D token array (uint8 for bytes, uint16/uint32 memory map for .bin)
+    val: np.ndarray
+    byte_level: bool  # one token per byte: bits per byte is defined
+    description: str
+
+    @property
+    def max_token(self) -> int | None:
+        return BYTE_VOCAB - 1 if self.byte_level else None
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+    return root, files
+
+
+def in_validation(name: str, fraction: float) -> bool:
+    """A stable choice per document name: the same on every machine, rank and run."""
+    h = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "little")
+    return h / 2**64 < fraction
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(
+            f"cannot read {what} {path}: {exc.strerror or exc}; check the path and its permissions"
+        ) from None
+
+
+def _split_documents(docs: list[tuple[str, bytes]], fraction: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+    docs = [(n, b) for n, b in docs if b]
+    if not docs:
+        raise DataError(f"{what} holds no text (every document is empty); point data.path at non-empty files")
+    if len(docs) == 1:
+        data = np.frombuffer(docs[0][1], dtype=np.uint8)
+        cut = len(data) - max(1, int(len(data) * fraction))
+        return data[:cut], data[cut:]
+    train = [b for n, b in docs if not in_validation(n, fraction)]
+    val = [b for n, b in docs if in_validation(n, fraction)]
+    if not val:  # few documents: the hash chose none; take the last one so validation exists
+        train, val = train[:-1], train[-1:]
+    if not train:
+        train, val = val[:-1], val[-1:]
+
+    def join(parts: list[bytes]) -> np.ndarray:
+        return np.frombuffer(SEPARATOR.join(parts), dtype=np.uint8)
+
+    return join(train), join(val)
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Read the configured source and split it; every failure is a ``DataError`` saying what to fix."""
+    if cfg.source == "stdlib":
+        root, files = stdlib_files()
+        if not files:
+            raise DataError(f"no .py files under the standard library at {root}; use data.source=text with data.path")
+        docs = [(p.relative_to(root).as_posix(), _read(p, "standard-library file")) for p in files]
+        train, val = _split_documents(docs, cfg.val_fraction, f"the standard library at {root}")
+        return Corpus(train, val, True, f"Python {sysconfig.get_python_version()} standard library, {len(files)} files")
+    path = Path(str(cfg.path)).expanduser()
+    if not path.exists():
+        raise DataError(f"data.path={cfg.path} does not exist (data.source={cfg.source}); give an existing path")
+    if cfg.source == "text":
+        if path.is_dir():
+            files = sorted(p for p in path.rglob(cfg.pattern) if p.is_file())
+            if not files:
+                raise DataError(f"no files matching data.pattern={cfg.pattern!r} under {path}")
+            docs = [(p.relative_to(path).as_posix(), _read(p, "text file")) for p in files]
+        else:
+            docs = [(path.name, _read(path, "text file"))]
+        train, val = _split_documents(docs, cfg.val_fraction, str(path))
+        return Corpus(train, val, True, f"text from {path} ({len(docs)} files)")
+    if cfg.source == "jsonl":
+        if path.is_dir():
+            raise DataError(f"data.path={path} is a folder; data.source=jsonl reads one .jsonl file")
+        docs = []
+        for number, line in enumerate(_read(path, "JSON-lines file").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}); one JSON object per line") from None
+            text = record.get(cfg.text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise DataError(
+                    f"{path}:{number} has no string field {cfg.text_field!r}; set data.text_field to the field that "
+                    "holds the text"
+                )
+            docs.append((f"{path.name}:{number}", text.encode()))
+        train, val = _split_documents(docs, cfg.val_fraction, str(path))
+        return Corpus(train, val, True, f"JSON lines from {path} ({len(docs)} documents)")
+    return _load_bin(path, cfg)
+
+
+def _load_bin(path: Path, cfg: DataConfig) -> Corpus:
+    dtype = np.dtype(cfg.dtype)
+    if path.is_dir():
+        raise DataError(f"data.path={path} is a folder; data.source=bin reads one file of {cfg.dtype} tokens")
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path} is empty; data.source=bin needs a file of {cfg.dtype} tokens")
+    if size % dtype.itemsize:
+        raise DataError(
+            f"{path} holds {size} bytes, not a whole number of {cfg.dtype} tokens; check data.dtype "
+            "(uint16 for vocabularies up to 65536, uint32 beyond)"
+        )
+    try:
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+    except OSError as exc:
+        raise DataError(f"cannot memory-map {path}: {exc}") from None
+    cut = len(tokens) - max(1, int(len(tokens) * cfg.val_fraction))
+    return Corpus(tokens[:cut], tokens[cut:], False, f"{cfg.dtype} tokens from {path} ({len(tokens)} tokens)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the stream
+
+
+def sequence_count(tokens: np.ndarray, seq_len: int) -> int:
+    """Sequences of ``seq_len + 1`` tokens at stride ``seq_len`` (inputs and their next-token targets)."""
+    return (len(tokens) - 1) // seq_len if len(tokens) > seq_len else 0
+
+
+def gather_sequences(
+    tokens: np.ndarray, index: np.ndarray, seq_len: int, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each ``[len(index), seq_len]`` int64, for the sequences numbered ``index``."""
+    rows = (
+        np.stack([np.asarray(tokens[i * seq_len : i * seq_len + seq_len + 1]) for i in index]) if len(index) else None
+    )
+    if rows is None:
+        empty = torch.zeros(0, seq_len, dtype=torch.int64)
+        return empty, empty.clone()
+    rows = torch.from_numpy(rows.astype(np.int64))
+    if int(rows.max()) >= vocab_size:
+        raise DataError(
+            f"token id {int(rows.max())} in the data is outside model.vocab_size={vocab_size}; set model.vocab_size "
+            "to the tokenizer's vocabulary size"
+        )
+    return rows[:, :-1], rows[:, 1:]
+
+
+@dataclass
+class StreamState:
+    """Where the stream stands: (epoch, sequences of this epoch already handed out over the whole world)."""
+
+    epoch: int = 0
+    cursor: int = 0
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+
+class SequenceStream:
+    """Sharded batches of ``[batch, seq_len]`` inputs and targets from one token array."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        seed: int,
+        vocab_size: int,
+        what: str = "training data",
+    ) -> None:
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.rank, self.world, self.seed, self.vocab_size = rank, world, seed, vocab_size
+        self.count = sequence_count(tokens, seq_len)
+        if self.count < batch_size * world:
+            raise DataError(
+                f"the {what} has {len(tokens)} tokens: {self.count} sequences of {seq_len + 1} tokens, but one step "
+                f"needs {batch_size * world} ({batch_size} per rank x {world} ranks); give more data or lower "
+                "data.seq_len / data.batch_size"
+            )
+        self.state = StreamState()
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This epoch's permutation of the sequences (seeded, the same on every rank)."""
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._order = (epoch, rng.permutation(self.count))
+        return self._order[1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the next global batch; the stream moves on by one global batch."""
+        step = self.batch_size * self.world
+        if self.state.cursor + step > self.count:  # the epoch's tail that does not fill a global batch is skipped
+            self.state = StreamState(self.state.epoch + 1, 0)
+        start = self.state.cursor + self.rank * self.batch_size
+        index = self.order(self.state.epoch)[start : start + self.batch_size]
+        self.state = StreamState(self.state.epoch, self.state.cursor + step)
+        return gather_sequences(self.tokens, index, self.seq_len, self.vocab_size)
+
+    def state_dict(self) -> dict:
+        return self.state.as_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = StreamState(int(state["epoch"]), int(state["cursor"]))
+
+
+def validation_batches(
+    tokens: np.ndarray, seq_len: int, batch_size: int, rank: int, world: int, sequences: int, vocab_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``sequences`` validation sequences (fewer if the split is shorter), dealt round-robin to the ranks.
+
+    Every rank yields the same number of batches (the last may be smaller, even empty) because MoE layers are
+    collective; the set does not depend on the world size, so validation losses compare across world sizes.
+    """
+    count = min(sequences, sequence_count(tokens, seq_len))
+    if count == 0:
+        raise DataError(
+            f"the validation split has {len(tokens)} tokens, less than one sequence of {seq_len + 1}; raise "
+            "data.val_fraction or give more data"
+        )
+    mine = np.arange(rank, count, world)
+    per_rank = -(-count // world)
+    for start in range(0, per_rank, batch_size):
+        yield gather_sequences(tokens, mine[start : start + batch_size], seq_len, vocab_size)

@@ -1,0 +1,100 @@
+"""DeepSpeed engine for the dense parameters (ZeRO stage 0, 1 or 2; fp32 or bf16); the MoE side stays dynmoe_dist's.
+
+DeepSpeed gets a ``DenseView`` of the model (dense modules only) and a client ``torch.optim.AdamW`` over them. Its
+own gradient clipping is off: it would clip the dense side by the dense norm alone. Instead a step pre-hook on the
+client optimizer, which DeepSpeed calls with the reduced (and, under ZeRO, partitioned fp32) dense gradients, adds the
+dense half to the MoE half measured just before, and scales both sides by one coefficient (a chained optimizer's
+global norm). The ds_config is built from the hydra config; ``engine.deepspeed`` adds keys the application does not
+own (bucket sizes, offload, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ...optim.clip import scale_gradients, squared_norm
+from ...parallel.collectives import all_reduce
+from ...parallel.grads import sync_gradients
+from .base import Engine, dense_param_groups
+from .dense_view import DenseView
+
+
+def deepspeed_config(batch_size: int, world_size: int, zero_stage: int, precision: str, extra: dict) -> dict:
+    """The ds_config for one run, derived from the hydra config (never a second hand-written JSON)."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": batch_size * world_size,
+        "gradient_clipping": 0.0,  # one global norm over dense + MoE is applied in the client optimizer's pre-hook
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 2**31 - 1,  # dynmoe_dist reports progress itself
+        "wall_clock_breakdown": False,
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def import_deepspeed():
+    """Import DeepSpeed quietly: its CPU accelerator named up front on a host without CUDA, its INFO lines off."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, model, groups, moe_opt, optim_cfg, ds_config: dict, device: torch.device) -> None:
+        super().__init__(model, groups, moe_opt, optim_cfg.grad_clip, device)
+        deepspeed = import_deepspeed()
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend() if groups.world_group else "gloo")
+        self.view = DenseView(model)
+        self.dense_numel = sum(p.numel() for p in self.view.parameters())
+        self.client = torch.optim.AdamW(
+            dense_param_groups(self.view.parameters(), optim_cfg.weight_decay),
+            lr=optim_cfg.lr,
+            betas=(optim_cfg.beta1, optim_cfg.beta2),
+            eps=optim_cfg.eps,
+        )
+        self.client.register_step_pre_hook(self._clip_dense)
+        self.engine, *_ = deepspeed.initialize(model=self.view, optimizer=self.client, config=ds_config)
+        self._step = 0
+        self._coef = 1.0
+
+    def forward(self, tokens, targets):
+        return self.engine(tokens, targets)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+        sync_gradients(self.model, self.groups, average=True, dense=False)
+
+    def step(self, lr, moe_lr, step):
+        self.measure_moe(step)
+        self._step, self._coef = step, 1.0
+        for group in self.client.param_groups:  # under ZeRO these are the flat fp32 partitions' groups
+            group["lr"] = lr
+        self.engine.step()
+        self.step_moe(self._coef, moe_lr)
+        return self.last_norm
+
+    def _clip_dense(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        """Runs inside DeepSpeed's step, just before AdamW: the dense gradients are reduced and fp32 here."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sq = squared_norm(params, self.device)
+        if sum(p.numel() for p in params) < self.dense_numel and self.groups.world_group is not None:
+            all_reduce(sq, self.groups.world_group, "clip.dense_norm")  # ZeRO: disjoint partitions, one per rank
+        self._coef = self.combine(float(sq), self._step)
+        scale_gradients(params, self._coef)

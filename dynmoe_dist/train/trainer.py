@@ -1,0 +1,223 @@
+"""The training loop: model, engine, MoE optimizer, adaptation, data stream, metrics, validation.
+
+One step on every rank: next batch of this rank's shard -> engine forward/backward -> one global gradient norm, both
+optimizers -> routing statistics into the metrics window -> the adaptation controller (collective; at a window's end it
+adds, removes or moves experts). Validation runs the same fixed set of sequences whatever the world size.
+
+The state a run needs beyond parameters and optimizer state is ``TrainState`` plus each component's own
+``state_dict`` (data stream position, adaptation controller, engines): the checkpoint package saves exactly these.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..adapt import AdaptController, AdaptEvent
+from ..optim import MoEAdam
+from ..parallel.collectives import all_reduce
+from ..parallel.groups import ParallelGroups
+from .config import TrainConfig, adapt_config
+from .data import Corpus, SequenceStream, validation_batches
+from .engines import DeepSpeedEngine, Engine, TorchEngine, deepspeed_config
+from .metrics import MetricsWindow, peak_memory_mb
+from .model import Transformer
+from .progress import Progress
+from .schedule import learning_rate
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}  # parameter dtype before the engine
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on a GPU that has it (A100 and newer), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+@dataclass
+class TrainState:
+    """Where the run is, beyond parameters and optimizer state."""
+
+    step: int = 0
+    tokens: int = 0  # trained on, over the world
+    elapsed: float = 0.0  # seconds of training, over every session of the run
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    events: list[AdaptEvent] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        corpus: Corpus,
+        groups: ParallelGroups,
+        device: torch.device,
+        sink: Any = None,
+        moe_factory=None,
+    ) -> None:
+        self.cfg, self.corpus, self.groups, self.device, self.sink = cfg, corpus, groups, device, sink
+        self.rank, self.world = groups.rank, groups.world_size
+        self.precision = resolve_precision(cfg.engine.precision, device)
+        self.model = Transformer(cfg.model, cfg.moe, groups, seed=cfg.seed, moe_factory=moe_factory)
+        self.model.to(device=device, dtype=DTYPES[self.precision])
+        o = cfg.optim
+        self.moe_opt = MoEAdam.for_moe(self.model, lr=o.moe_lr or o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.engine = self._engine()
+        self.adapt = None
+        if cfg.adapt.enabled and self.model.moe_layers():
+            self.adapt = AdaptController(self.model, self.moe_opt, groups, adapt_config(cfg.adapt))
+        d = cfg.data
+        self.stream = SequenceStream(
+            corpus.train, d.seq_len, d.batch_size, self.rank, self.world, d.seed, cfg.model.vocab_size
+        )
+        self.state = TrainState()
+        k_bins = max(cfg.moe.num_experts, cfg.adapt.max_experts if cfg.adapt.enabled else 0) + 1
+        self.window = MetricsWindow(self.model.moe_layers(), k_bins, device)
+        torch.manual_seed(cfg.seed + 1 + self.rank)  # dropout: its own stream per rank
+        self.step_seconds: list[float] = []
+
+    def _engine(self) -> Engine:
+        c = self.cfg
+        if c.engine.name == "torch":
+            return TorchEngine(self.model, self.groups, self.moe_opt, c.optim, self.precision, self.device)
+        ds = deepspeed_config(c.data.batch_size, self.world, c.engine.zero_stage, self.precision, c.engine.deepspeed)
+        return DeepSpeedEngine(self.model, self.groups, self.moe_opt, c.optim, ds, self.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def train_step(self) -> StepResult:
+        tokens, targets = (t.to(self.device, non_blocking=True) for t in self.stream.next_batch())
+        self.model.train()
+        loss, info = self.engine.forward(tokens, targets)
+        self.engine.backward(loss)
+        step = self.state.step + 1
+        o = self.cfg.optim
+        lr = learning_rate(step, o, self.cfg.steps)
+        moe_lr = learning_rate(step, o, self.cfg.steps, base=o.moe_lr or o.lr)
+        norm = self.engine.step(lr, moe_lr, step)
+        self.window.observe(info.task_loss, info.aux_loss, norm, info.tokens, info.moe)  # before any event
+        self.state.step = step
+        self.state.tokens += info.tokens * self.world
+        events = self.adapt.step() if self.adapt is not None else []
+        return StepResult(float(info.task_loss), norm, events)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean cross-entropy over the fixed validation set (collective: every rank runs the same batches)."""
+        d = self.cfg.data
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        batches = validation_batches(
+            self.corpus.val, d.seq_len, d.batch_size, self.rank, self.world, d.val_sequences, self.cfg.model.vocab_size
+        )
+        for tokens, targets in batches:
+            tokens, targets = tokens.to(self.device), targets.to(self.device)
+            with self.engine.autocast():
+                logits, _ = self.model.logits(tokens)
+            total[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
+            total[1] += targets.numel()
+        if self.groups.world_group is not None:
+            all_reduce(total, self.groups.world_group, "validation.loss")
+        self.model.train()
+        loss = float(total[0] / total[1])
+        out = {"loss": loss}
+        if self.corpus.byte_level:
+            out["bpb"] = loss / math.log(2)
+        return out
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        progress = Progress(cfg.steps, self.state.step, cfg.logging.progress, self.is_main)
+        if self.state.step == 0:
+            self.validate(progress)
+        while self.state.step < cfg.steps:
+            t0 = time.perf_counter()
+            result = self.train_step()
+            seconds = time.perf_counter() - t0
+            self.window.seconds += seconds
+            self.state.elapsed += seconds
+            self.step_seconds = (self.step_seconds + [seconds])[-20:]
+            step = self.state.step
+            for event in result.events:
+                self.record_event(event, progress)
+            experts = "/".join(str(layer.num_experts) for layer in self.model.moe_layers())
+            progress.update(1, {"loss": f"{result.loss:.3f}", "experts": experts})
+            if step % cfg.logging.every == 0 or step == cfg.steps:
+                self.log_train(progress)
+            if step % cfg.logging.val_every == 0 or step == cfg.steps:
+                self.validate(progress)
+        progress.close()
+
+    def log_train(self, progress: Progress) -> None:
+        """Reduce the window over the world (collective) and write one record on rank 0."""
+        numbers = self.window.reduce(self.groups.world_group)
+        seconds = max(self.window.seconds, 1e-9)
+        step = self.state.step
+        record = {
+            "kind": "train",
+            "step": step,
+            "time": round(self.state.elapsed, 3),
+            "lr": learning_rate(step, self.cfg.optim, self.cfg.steps),
+            **{k: numbers[k] for k in ("loss", "aux_loss", "grad_norm")},
+            "tokens_per_s": numbers["tokens"] / seconds,
+            "tokens": self.state.tokens,
+            "peak_mem_mb": peak_memory_mb(self.device),
+            "moe": numbers["moe"],
+        }
+        self.window.reset()
+        if self.sink is not None:
+            self.sink.metrics(record)
+        if progress.mode == "lines":
+            experts = " ".join(str(m["experts"]) for m in record["moe"].values())
+            avg_k = " ".join(f"{m['avg_k']:.2f}" for m in record["moe"].values())
+            progress.line(
+                f"step {step}/{self.cfg.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"grad {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}  experts {experts}  k {avg_k}"
+            )
+
+    def validate(self, progress: Progress) -> dict[str, float]:
+        result = self.evaluate()
+        record = {"kind": "val", "step": self.state.step, "time": round(self.state.elapsed, 3), **result}
+        if self.sink is not None:
+            self.sink.metrics(record)
+        bpb = f"  ({result['bpb']:.3f} bits/byte)" if "bpb" in result else ""
+        progress.line(f"step {self.state.step}: validation loss {result['loss']:.4f}{bpb}")
+        return result
+
+    def record_event(self, event: AdaptEvent, progress: Progress) -> None:
+        layer = next(m for m in self.model.moe_layers() if m.name == event.layer)
+        step_s = sum(self.step_seconds) / max(len(self.step_seconds), 1)
+        record = {**event.as_dict(), "experts": layer.num_experts, "step_seconds": step_s}
+        if self.sink is not None:
+            self.sink.event(record)
+        if event.committed:
+            change = []
+            if event.added:
+                change.append(f"+{event.added}")
+            if event.removed:
+                change.append(f"-{event.removed}")
+            if event.moved:
+                change.append(f"moved {len(event.moved)}")
+            progress.line(
+                f"step {event.step}: {event.layer} {event.kind} {' '.join(change)} -> {layer.num_experts} experts "
+                f"({event.seconds * 1e3:.0f} ms, {event.bytes_moved / 1e6:.2f} MB)"
+            )
+        else:
+            progress.line(f"step {event.step}: {event.layer} {event.kind} aborted: {event.reason}")
