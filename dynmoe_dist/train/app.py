@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import DynMoEError
 from ..parallel.bootstrap import detect_env
+from .config import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 log = logging.getLogger("dynmoe_dist.train")
 
 

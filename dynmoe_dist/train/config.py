@@ -15,6 +15,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING
@@ -22,6 +23,8 @@ from omegaconf import MISSING
 from ..adapt import AdaptConfig, PolicyConfig
 from ..errors import ConfigError, check
 from ..routing.config import CONFIGS, router_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the top-level configs/ of the checkout
 
 # Optional[...] rather than "X | None": OmegaConf reads the annotations at runtime and wants typing's form.
 # ruff: noqa: UP007, UP045
@@ -165,6 +168,20 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: str | None = None) -> TrainConfig:
+    """The ``TrainConfig`` the command line ``dynmoe-train <overrides>`` would run (for scripts, tests, benchmarks).
+
+    Composes ``configs/`` (or ``config_dir``) with hydra's compose API, so presets, types and unknown keys behave
+    exactly as on the command line. ``check_config`` is not applied: it needs the world size.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir or CONFIG_DIR)):
+        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))  # type: ignore[return-value]
 
 
 def register_configs() -> None:
@@ -356,7 +373,7 @@ def _check_engine(cfg: Any) -> None:
         if head in e.deepspeed and (not tail or tail in (e.deepspeed[head] or {})):
             raise ConfigError(
                 f"engine.deepspeed.{key}",
-                "set",
+                e.deepspeed[head][tail] if tail else e.deepspeed[head],
                 "unset: the application derives it (batch sizes from data.batch_size, clipping from optim.grad_clip, "
                 "precision from engine.precision, the stage from engine.zero_stage)",
             )

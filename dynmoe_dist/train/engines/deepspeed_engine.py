@@ -2,10 +2,12 @@
 
 DeepSpeed gets a ``DenseView`` of the model (dense modules only) and a client ``torch.optim.AdamW`` over them. Its
 own gradient clipping is off: it would clip the dense side by the dense norm alone. Instead a step pre-hook on the
-client optimizer, which DeepSpeed calls with the reduced (and, under ZeRO, partitioned fp32) dense gradients, adds the
-dense half to the MoE half measured just before, and scales both sides by one coefficient (a chained optimizer's
-global norm). The ds_config is built from the hydra config; ``engine.deepspeed`` adds keys the application does not
-own (bucket sizes, offload, ...).
+client optimizer scales the dense gradients by the coefficient of one global norm, sqrt(dense^2 + MoE^2), as a chained
+optimizer does; the MoE half is measured just before ``engine.step()``. The dense half is DeepSpeed's own number where
+it computes one before calling the client (ZeRO 1/2, whose client is called once per parameter group with that group's
+fp32 partition, and the bf16 wrapper); with plain fp32 stage 0 the client sees the replicated reduced gradients and the
+hook measures them. The ds_config is built from the hydra config; ``engine.deepspeed`` adds keys the application does
+not own (bucket sizes, offload, ...).
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from typing import Any
 
 import torch
 
-from ...optim.clip import scale_gradients, squared_norm
-from ...parallel.collectives import all_reduce
+from ...optim.clip import check_finite_norm, scale_gradients, squared_norm
 from ...parallel.grads import sync_gradients
 from .base import Engine, dense_param_groups
 from .dense_view import DenseView
@@ -62,17 +63,18 @@ class DeepSpeedEngine(Engine):
         deepspeed = import_deepspeed()
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend() if groups.world_group else "gloo")
         self.view = DenseView(model)
-        self.dense_numel = sum(p.numel() for p in self.view.parameters())
+        # lr 0 until the first step sets it: DeepSpeed's bf16 wrapper takes one zero-gradient step while it sets up,
+        # which with a real rate would already apply weight decay
         self.client = torch.optim.AdamW(
             dense_param_groups(self.view.parameters(), optim_cfg.weight_decay),
-            lr=optim_cfg.lr,
+            lr=0.0,
             betas=(optim_cfg.beta1, optim_cfg.beta2),
             eps=optim_cfg.eps,
         )
-        self.client.register_step_pre_hook(self._clip_dense)
         self.engine, *_ = deepspeed.initialize(model=self.view, optimizer=self.client, config=ds_config)
         self._step = 0
-        self._coef = 1.0
+        self._coef: float | None = None
+        self.client.register_step_pre_hook(self._clip_dense)
 
     def forward(self, tokens, targets):
         return self.engine(tokens, targets)
@@ -83,18 +85,30 @@ class DeepSpeedEngine(Engine):
 
     def step(self, lr, moe_lr, step):
         self.measure_moe(step)
-        self._step, self._coef = step, 1.0
+        self._step, self._coef = step, None
         for group in self.client.param_groups:  # under ZeRO these are the flat fp32 partitions' groups
             group["lr"] = lr
         self.engine.step()
+        if self._coef is None:  # DeepSpeed skipped its optimizer: its own check found a non-finite dense norm
+            check_finite_norm(float("nan"), "dense", step)
         self.step_moe(self._coef, moe_lr)
         return self.last_norm
 
+    def _dense_squared_norm(self, params: list[torch.Tensor]) -> float:
+        wrapper = self.engine.optimizer
+        if wrapper is self.client:  # fp32, stage 0: reduced, replicated gradients in the client's parameters
+            return float(squared_norm(params, self.device))
+        norm = getattr(wrapper, "_global_grad_norm", None)
+        if norm is None:
+            raise RuntimeError(
+                f"DeepSpeed's {type(wrapper).__name__} computed no gradient norm this step; dynmoe_dist needs it for "
+                "the global norm: leave zero_optimization.compute_grad_norm at its default (true)"
+            )
+        return float(norm) ** 2
+
     def _clip_dense(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-        """Runs inside DeepSpeed's step, just before AdamW: the dense gradients are reduced and fp32 here."""
+        """Runs inside DeepSpeed's step before each client AdamW call: the dense gradients are reduced and fp32."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        sq = squared_norm(params, self.device)
-        if sum(p.numel() for p in params) < self.dense_numel and self.groups.world_group is not None:
-            all_reduce(sq, self.groups.world_group, "clip.dense_norm")  # ZeRO: disjoint partitions, one per rank
-        self._coef = self.combine(float(sq), self._step)
+        if self._coef is None:  # first call of this step (ZeRO calls once per parameter group)
+            self._coef = self.combine(self._dense_squared_norm(params), self._step)
         scale_gradients(params, self._coef)

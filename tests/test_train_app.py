@@ -1,0 +1,123 @@
+"""The application end to end, as users start it: torchrun, 2 CPU ranks, a tiny config, both engines; the run folder,
+the metrics and event files, wandb's offline files, what is printed last, and the report on that run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dynmoe_dist.parallel.bootstrap import free_port
+from dynmoe_dist.train.report import PLOTS
+
+STEPS = 16
+ARGS = (
+    "model=tiny",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    f"steps={STEPS}",
+    "logging.every=4",
+    "logging.val_every=8",
+    "adapt.record_steps=3",
+    "adapt.idle_steps=1",
+    "adapt.min_experts=2",
+    "adapt.rebalance_threshold=1.01",
+)
+
+
+def train(out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    cmd += ["-m", "dynmoe_dist.train", *ARGS, f"out_dir={out}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    out = tmp_path_factory.mktemp("runs")
+    done = {}
+    for engine, extra in (("deepspeed", ()), ("torch", ("engine=torch", "logging.wandb=disabled"))):
+        proc = train(out, f"name={engine}", *extra)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        done[engine] = (out / engine, proc)
+    return done
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_run_folder_holds_config_metrics_and_events(runs, engine: str) -> None:
+    folder, proc = runs[engine]
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["engine"]["name"] == engine and config["steps"] == STEPS and config["model"]["d_model"] == 32
+    metrics = records(folder / "metrics.jsonl")
+    train_rows = [r for r in metrics if r["kind"] == "train"]
+    val_rows = [r for r in metrics if r["kind"] == "val"]
+    assert [r["step"] for r in train_rows] == [4, 8, 12, 16] and [r["step"] for r in val_rows] == [0, 8, 16]
+    for r in train_rows:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens", "peak_mem_mb", "aux_loss"} <= set(r)
+        (layer,) = r["moe"].values()
+        assert {"experts", "avg_k", "k_hist", "load", "load_imbalance", "unrouted", "dropped"} <= set(layer)
+        # the numbers are the world's: 2 ranks x 4 sequences x 32 tokens x 4 steps per line
+        assert sum(layer["k_hist"]) == 2 * 4 * 32 * 4
+        assert sum(layer["load"].values()) == sum(k * n for k, n in enumerate(layer["k_hist"]))
+    assert train_rows[-1]["tokens"] == STEPS * 2 * 4 * 32
+    assert val_rows[-1]["loss"] < val_rows[0]["loss"] and "bpb" in val_rows[-1]
+    events = records(folder / "events.jsonl")
+    assert events and all(e["committed"] for e in events)
+    assert {"step", "layer", "kind", "added", "removed", "moved", "bytes_moved", "seconds", "experts"} <= set(events[0])
+    # what is printed last says where everything is
+    lines = proc.stdout.strip().splitlines()
+    tail = lines[lines.index(f"run folder: {folder}") :]
+    assert len(tail) <= 6
+    assert any(str(folder / "metrics.jsonl") in line for line in tail)
+    assert any(str(folder / "events.jsonl") in line for line in tail)
+
+
+def test_wandb_offline_files(runs) -> None:
+    folder, proc = runs["deepspeed"]
+    offline = list((folder / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert f"wandb:   {offline[0]}" in proc.stdout
+    assert not (runs["torch"][0] / "wandb").exists()  # logging.wandb=disabled
+
+
+def test_both_engines_reach_the_same_losses(runs) -> None:
+    ds, pt = (
+        [r["loss"] for r in records(runs[name][0] / "metrics.jsonl") if r["kind"] == "val"] for name in runs
+    )  # fmt: skip
+    assert ds == pytest.approx(pt, rel=1e-4)
+
+
+def test_an_existing_run_is_never_overwritten(runs) -> None:
+    folder, _ = runs["torch"]
+    before = (folder / "metrics.jsonl").read_bytes()
+    proc = train(folder.parent, "name=torch", "engine=torch", "logging.wandb=disabled")
+    assert proc.returncode != 0  # each rank exits 2; torchrun reports the failure as 1
+    assert proc.stderr.count("already holds a run") == 1  # said once, by rank 0 and "overwrite=true" in proc.stderr
+    assert (folder / "metrics.jsonl").read_bytes() == before
+
+
+def test_report_on_the_recorded_run(runs) -> None:
+    folder, _ = runs["deepspeed"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynmoe_dist.train.report", str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in PLOTS:
+        png = folder / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert str(png) in proc.stdout
+    summary = (folder / "summary.md").read_text()
+    val = [r for r in records(folder / "metrics.jsonl") if r["kind"] == "val"]
+    assert f"{val[0]['loss']:.4f} -> {val[-1]['loss']:.4f}" in summary
+    events = records(folder / "events.jsonl")
+    assert f"{sum(len(e['added']) for e in events)} / {sum(len(e['removed']) for e in events)}" in summary
+    assert "| blocks.1.moe |" in summary

@@ -1,0 +1,131 @@
+"""The hydra application's configuration: every preset composes and passes its checks; every bad key, type or
+combination is refused with a message naming it, before any process group starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from dynmoe_dist.errors import ConfigError
+from dynmoe_dist.parallel.bootstrap import free_port
+from dynmoe_dist.train.config import CONFIG_DIR, check_config, load_config, router_spec
+
+GROUPS = ("model", "moe", "adapt", "parallel", "engine", "optim", "data", "logging")
+
+
+def presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def test_every_group_the_issue_names_exists_with_presets() -> None:
+    for group in GROUPS:
+        assert presets(group), group
+    assert {"top_any", "top_k", "top_p", "importance_k", "relu", "null_experts", "demo"} <= set(presets("moe"))
+    assert {"demo", "dynmoe_paper", "off"} <= set(presets("adapt"))
+
+
+@pytest.mark.parametrize("gate", ["top_any", "top_k", "top_p", "importance_k", "relu", "null_experts"])
+def test_each_gate_preset_is_valid_and_selects_its_gate(gate: str) -> None:
+    cfg = load_config([f"moe={gate}"])
+    check_config(cfg, world_size=2)
+    assert router_spec(cfg.moe)["kind"] == {"null_experts": "null"}.get(gate, gate)
+
+
+def test_default_demo_and_paper_schedule() -> None:
+    demo = load_config([])
+    check_config(demo, world_size=2)
+    assert (demo.engine.name, demo.moe.router.kind, demo.adapt.enabled) == ("deepspeed", "top_any", True)
+    paper = load_config(["adapt=dynmoe_paper"])
+    check_config(paper, world_size=8)
+    assert (paper.adapt.record_steps, paper.adapt.idle_steps, paper.adapt.init) == (300, 600, "copy")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["model.foo=1"], "model.foo"),
+        (["moe.router.temperature=2"], "temperature"),
+        (["model.d_model=wide"], "model.d_model"),
+        (["optim.lr=fast"], "optim.lr"),
+        (["adapt.enabled=maybe"], "adapt.enabled"),
+        (["moe=no_such_gate"], "no_such_gate"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_are_named_by_hydra(overrides: list[str], names: str) -> None:
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)) as err:
+        load_config(overrides)
+    text = f"{err.value} {err.value.__cause__ or ''}"
+    assert names in text, text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "setting", "hint"),
+    [
+        (["parallel.ep_size=3"], 2, "parallel.ep_size", "divisor of the world size 2"),
+        (["adapt.min_experts=9", "adapt.max_experts=8"], 2, "max_experts", "min_experts"),
+        (["data.seq_len=512"], 2, "data.seq_len", "model.max_seq_len=256"),
+        (["moe.router.p=0.5"], 2, "moe.router.p", "top_p"),
+        (["moe=top_k", "moe.router.trainable_temperature=true"], 2, "moe.router.trainable_temperature", "top_any"),
+        (["moe=top_p", "moe.router.p=1.5"], 2, "moe.router.p", "(0, 1]"),
+        (["moe=top_k", "moe.router.k=3", "adapt.min_experts=2"], 2, "moe.router.k", "adapt.min_experts"),
+        (["moe.num_experts=20"], 2, "moe.num_experts", "adapt.max_experts=16"),
+        (["engine=torch", "engine.zero_stage=2"], 2, "engine.zero_stage", "engine=torch"),
+        (["engine.zero_stage=3"], 2, "engine.zero_stage", "0, 1 or 2"),
+        (["+engine.deepspeed.gradient_clipping=1.0"], 2, "engine.deepspeed.gradient_clipping", "optim.grad_clip"),
+        (["model.n_heads=3"], 2, "model.n_heads", "divisor of model.d_model"),
+        (["model.moe_every=5"], 2, "model.moe_every", "model.n_layers=4"),
+        (["adapt.init=dense"], 2, "adapt.init", "copy | random"),
+        (["adapt.max_experts_per_rank=4"], 2, "adapt.max_experts_per_rank", "so that 16 experts fit"),
+        (["data=text"], 2, "data.path", "text"),
+        (["engine.precision=fp16"], 2, "engine.precision", "bf16"),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused(overrides, world, setting, hint) -> None:
+    cfg = load_config(overrides) if "data=text" not in overrides else load_config([*overrides, "data.path=null"])
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg, world_size=world)
+    assert err.value.setting == setting, str(err.value)
+    assert hint in str(err.value), str(err.value)
+
+
+def test_cli_refuses_before_any_process_group_starts(tmp_path: Path) -> None:
+    """Rank 0 of a 2-rank launch whose peer never comes: a bad combination must end it at once, not at a timeout."""
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynmoe_dist.train", "parallel.ep_size=3", f"out_dir={tmp_path}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "parallel.ep_size=3" in proc.stderr and "divisor of the world size 2" in proc.stderr
+    assert time.monotonic() - t0 < 60  # no rendezvous wait (the collective timeout is 600 s)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_names_an_unknown_key(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynmoe_dist.train", "model.layers=4", f"out_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "model.layers" in proc.stderr and "not in 'ModelConfig'" in proc.stderr, proc.stderr
