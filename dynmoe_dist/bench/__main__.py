@@ -9,6 +9,7 @@ BENCHMARKS = {
     "layer": "dynmoe_dist.bench.layer",
     "expert_parallel": "dynmoe_dist.bench.expert_parallel",
     "adapt": "dynmoe_dist.bench.adapt",
+    "train": "dynmoe_dist.bench.train",
 }
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "expert_group_name",
     "init_deepspeed_groups",
     "local_expert_range",
+    "make_deepspeed_moe",
 ]
 
 
@@ -114,32 +115,22 @@ class GeluExpert(nn.Module):
         self.fc_out.weight.copy_(w_out.t())
 
 
-def build_deepspeed_moe(
+def make_deepspeed_moe(
     d_model: int,
     d_ff: int,
     num_experts: int,
     ep_size: int,
     k: int,
-    router_weight: torch.Tensor,
-    w_in: torch.Tensor,
-    w_out: torch.Tensor,
     drop_tokens: bool = False,
     capacity_factor: float = 1.0,
+    attach_groups: bool = True,
 ) -> nn.Module:
-    """A ``deepspeed.moe.layer.MoE`` with the given router and experts, deterministic routing, groups attached.
+    """A ``deepspeed.moe.layer.MoE`` of GELU experts with deterministic routing.
 
-    ``router_weight [E, d]`` becomes the gate weight (logits ``x @ router_weight.T``, no bias); ``w_in [E, d, d_ff]``
-    and ``w_out [E, d_ff, d]`` hold all experts and this rank keeps its slice :func:`local_expert_range`. Needs
-    :func:`init_deepspeed_groups` (``ep_size``) first; all ranks of the expert-parallel group must build the layer
-    with the same arguments. Call as ``out, l_aux, exp_counts = moe(x)`` with ``x [..., d]``; parameters are fp32.
+    Needs :func:`init_deepspeed_groups` (``ep_size``) first; every rank of the expert-parallel group builds it alike.
+    Weights are DeepSpeed's own initialisation; :func:`build_deepspeed_moe` loads given ones. ``attach_groups``:
+    hand the layer its groups now (False when ``deepspeed.initialize`` will, which refuses to do it twice).
     """
-    if router_weight.shape != (num_experts, d_model):
-        raise ValueError(f"router_weight must be [{num_experts}, {d_model}], got {tuple(router_weight.shape)}")
-    if w_in.shape != (num_experts, d_model, d_ff) or w_out.shape != (num_experts, d_ff, d_model):
-        raise ValueError(
-            f"w_in must be [{num_experts}, {d_model}, {d_ff}] and w_out [{num_experts}, {d_ff}, {d_model}], "
-            f"got {tuple(w_in.shape)} and {tuple(w_out.shape)}"
-        )
     if num_experts % ep_size:
         raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
     _import_deepspeed()
@@ -147,8 +138,7 @@ def build_deepspeed_moe(
     from deepspeed.utils import groups
 
     if expert_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
-        raise RuntimeError(f"call init_deepspeed_groups({ep_size}) on every rank before build_deepspeed_moe")
-
+        raise RuntimeError(f"call init_deepspeed_groups({ep_size}) on every rank before building a DeepSpeed MoE")
     moe = MoE(
         hidden_size=d_model,
         expert=GeluExpert(d_model, d_ff),
@@ -163,10 +153,39 @@ def build_deepspeed_moe(
         use_tutel=False,
         top2_2nd_expert_sampling=False,
     )
-    # Normally deepspeed.initialize() does this; it only looks the (already created) group up and hands it to the
-    # gate (for the capacity all-reduce) and the layer (for the all-to-alls).
-    moe.set_deepspeed_parallelism()
+    if attach_groups:
+        # Normally deepspeed.initialize() does this; it only looks the (already created) group up and hands it to the
+        # gate (for the capacity all-reduce) and the layer (for the all-to-alls).
+        moe.set_deepspeed_parallelism()
+    return moe
 
+
+def build_deepspeed_moe(
+    d_model: int,
+    d_ff: int,
+    num_experts: int,
+    ep_size: int,
+    k: int,
+    router_weight: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    drop_tokens: bool = False,
+    capacity_factor: float = 1.0,
+) -> nn.Module:
+    """:func:`make_deepspeed_moe` with the given router and experts loaded.
+
+    ``router_weight [E, d]`` becomes the gate weight (logits ``x @ router_weight.T``, no bias); ``w_in [E, d, d_ff]``
+    and ``w_out [E, d_ff, d]`` hold all experts and this rank keeps its slice :func:`local_expert_range`. Call as
+    ``out, l_aux, exp_counts = moe(x)`` with ``x [..., d]``; parameters are fp32.
+    """
+    if router_weight.shape != (num_experts, d_model):
+        raise ValueError(f"router_weight must be [{num_experts}, {d_model}], got {tuple(router_weight.shape)}")
+    if w_in.shape != (num_experts, d_model, d_ff) or w_out.shape != (num_experts, d_ff, d_model):
+        raise ValueError(
+            f"w_in must be [{num_experts}, {d_model}, {d_ff}] and w_out [{num_experts}, {d_ff}, {d_model}], "
+            f"got {tuple(w_in.shape)} and {tuple(w_out.shape)}"
+        )
+    moe = make_deepspeed_moe(d_model, d_ff, num_experts, ep_size, k, drop_tokens, capacity_factor)
     local = local_expert_range(num_experts, ep_size)
     with torch.no_grad():
         moe.deepspeed_moe.gate.wg.weight.copy_(router_weight)

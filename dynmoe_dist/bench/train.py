@@ -1,0 +1,219 @@
+"""End-to-end training throughput: the same transformer at 2 ranks, four MoE variants, one engine (DeepSpeed).
+
+(a) ``ours_top2``: dynmoe_dist's MoELayer, top-2, dropless; DeepSpeed owns the dense parameters, MoEAdam the MoE ones.
+(b) ``deepspeed_dropless``: ``deepspeed.moe.layer.MoE`` in its place, top-2, ``drop_tokens=False`` (capacity = the
+    world-wide largest expert count), the whole model owned by DeepSpeed with its MoE parameter groups.
+(c) ``deepspeed_cf1``: the same with capacity factor 1.0 (tokens beyond capacity dropped).
+(d) ``ours_top_any``: DynMoE's Top-Any gate on our layer (k varies per token; no adaptation, to time steady steps).
+
+Same data, seeds, learning rate, steps, clipping and ZeRO stage for all. Each variant runs in its own pair of spawned
+ranks (so peak memory is its own), round-robin over ``--rounds``; a step's time is the slowest rank's, the median over
+the timed steps, the best round. Reported: ms per step, tokens/s (all ranks), peak memory per rank, and the time
+ratios ours/(b) and ours/(c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import build_groups
+from .deepspeed_peer import init_deepspeed_groups, make_deepspeed_moe
+from .ranks import run_ranks
+from .report import emit
+
+VARIANTS = {
+    "ours_top2": ["moe=top_k"],
+    "deepspeed_dropless": ["moe=top_k"],
+    "deepspeed_cf1": ["moe=top_k"],
+    "ours_top_any": ["moe=top_any"],
+}
+
+
+def overrides(a: argparse.Namespace, variant: str) -> list[str]:
+    return [
+        *VARIANTS[variant],
+        f"model.d_model={a.d_model}",
+        f"model.n_layers={a.layers}",
+        f"model.n_heads={a.d_model // 64}",
+        f"model.d_ff={a.d_ff}",
+        f"model.max_seq_len={a.seq_len}",
+        f"model.moe_every={a.moe_every}",
+        f"moe.num_experts={a.experts}",
+        f"moe.d_ff={a.d_ff}",
+        f"data.seq_len={a.seq_len}",
+        f"data.batch_size={a.batch}",
+        "adapt=off",
+        "engine=deepspeed",
+        "engine.precision=fp32",
+        "logging.wandb=disabled",
+    ]
+
+
+class DeepSpeedMoEBlock(torch.nn.Module):
+    """DeepSpeed's MoE behind the model's MoE-block call: ``(y, aux)`` with ``aux.loss`` its weighted balance loss.
+
+    Counts the assignments its capacity drops: per expert, what this rank routed beyond ``ceil(S * k * cf / E)``.
+    """
+
+    def __init__(self, moe: torch.nn.Module, aux_weight: float, k: int, capacity_factor: float | None) -> None:
+        super().__init__()
+        self.moe, self.aux_weight, self.k, self.capacity_factor = moe, aux_weight, k, capacity_factor
+        self.counts = torch.zeros(2, dtype=torch.float64)  # assignments, dropped
+
+    def forward(self, h: torch.Tensor, importance: torch.Tensor | None = None):
+        out, l_aux, exp_counts = self.moe(h)
+        routed = exp_counts.detach().to(torch.float64)
+        dropped = 0.0
+        if self.capacity_factor is not None:
+            tokens = h.numel() // h.shape[-1]
+            capacity = math.ceil(tokens * self.k * self.capacity_factor / routed.numel())
+            dropped = float((routed - capacity).clamp(min=0).sum())
+        self.counts += torch.tensor([float(routed.sum()), dropped], dtype=torch.float64)
+        return out, SimpleNamespace(loss=l_aux * self.aux_weight)
+
+
+class DeepSpeedNative:
+    """A DeepSpeed-MoE model trained the way DeepSpeed users do: one engine owns everything, its own clipping."""
+
+    def __init__(self, cfg, corpus, rank: int, world: int, drop_tokens: bool) -> None:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        from ..train.data import SequenceStream
+        from ..train.engines import deepspeed_config, dense_param_groups
+        from ..train.engines.deepspeed_engine import import_deepspeed
+        from ..train.model import Transformer
+
+        deepspeed = import_deepspeed()
+        deepspeed.init_distributed(dist_backend="gloo")
+        init_deepspeed_groups(world)
+        m, moe = cfg.model, cfg.moe
+        k = moe.router.k
+
+        def factory(i: int, d: int) -> torch.nn.Module:
+            layer = make_deepspeed_moe(d, moe.d_ff, moe.num_experts, world, k, drop_tokens, 1.0, attach_groups=False)
+            return DeepSpeedMoEBlock(layer, moe.router.balance_weight, k, 1.0 if drop_tokens else None)
+
+        self.model = Transformer(m, moe, seed=cfg.seed, moe_factory=factory)
+        named = [
+            {**g, "name": n}
+            for n, g in zip(("decay", "plain"), dense_param_groups(self.model.parameters(), cfg.optim.weight_decay))
+        ]
+        groups = split_params_into_different_moe_groups_for_optimizer(named)  # DeepSpeed needs them named
+        o = cfg.optim
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        ds = deepspeed_config(cfg.data.batch_size, world, cfg.engine.zero_stage, "fp32", {})
+        ds["gradient_clipping"] = o.grad_clip
+        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=opt, config=ds)
+        self.stream = SequenceStream(corpus.train, cfg.data.seq_len, cfg.data.batch_size, rank, world, 0, m.vocab_size)
+
+    def train_step(self) -> None:
+        tokens, targets = self.stream.next_batch()
+        loss, _ = self.engine(tokens, targets)
+        self.engine.backward(loss)
+        self.engine.step()
+
+
+def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
+    from ..train.config import load_config
+    from ..train.data import load_corpus
+    from ..train.engines.deepspeed_engine import import_deepspeed
+    from ..train.metrics import peak_memory_mb
+    from ..train.trainer import Trainer
+
+    import_deepspeed()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    cfg = load_config(overrides(a, a.variant))
+    corpus = load_corpus(cfg.data)
+    rows: list[int] = []  # ours: rows each MoE layer computed on this rank in the step
+    if a.variant.startswith("ours"):
+        runner = Trainer(cfg, corpus, build_groups(world), torch.device("cpu"))
+        for layer in runner.model.moe_layers():
+            layer.register_forward_hook(lambda m, i, out: rows.append(out[1].traffic.rows_computed))
+    else:
+        runner = DeepSpeedNative(cfg, corpus, rank, world, drop_tokens=a.variant == "deepspeed_cf1")
+    times, busiest = [], []
+    for step in range(a.warmup + a.steps):
+        rows.clear()
+        dist.barrier()
+        t0 = time.perf_counter()
+        runner.train_step()
+        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
+        if rows:  # per layer: the busiest rank's rows over the mean rank's
+            load = torch.tensor(rows, dtype=torch.float64)
+            peak, total = load.clone(), load.clone()
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            dist.all_reduce(total)
+            busiest.append(float((peak / (total / world)).mean()))
+        if step >= a.warmup:
+            times.append(float(elapsed))
+    memory = torch.tensor([peak_memory_mb(torch.device("cpu"))], dtype=torch.float64)
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    ms = statistics.median(times) * 1e3
+    tokens = a.batch * a.seq_len * world
+    row = {"variant": a.variant, "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mem_mb": float(memory)}
+    if busiest:
+        row["busiest_rank_rows_over_mean"] = statistics.mean(busiest[a.warmup :])
+        row["dropped_share"] = 0.0
+    else:
+        counts = sum(m.counts for m in runner.model.modules() if isinstance(m, DeepSpeedMoEBlock))
+        dist.all_reduce(counts)
+        row["dropped_share"] = float(counts[1] / counts[0])
+        row["busiest_rank_rows_over_mean"] = float("nan")
+    return [row]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench train", description=__doc__)
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-ff", type=int, default=1024, help="dense and expert hidden size")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--moe-every", type=int, default=1)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16, help="sequences per rank")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--json", default=None, help="also write the JSON document here")
+    a = p.parse_args(argv)
+    best: dict[str, dict] = {}
+    for _ in range(a.rounds):
+        for variant in a.variants.split(","):
+            (row,) = run_ranks(body, argparse.Namespace(**vars(a), variant=variant))
+            if variant not in best or row["ms_per_step"] < best[variant]["ms_per_step"]:
+                best[variant] = row
+    rows = list(best.values())
+    ours = best.get("ours_top2")
+    for row in rows:
+        row["ours_top2_time_ratio"] = ours["ms_per_step"] / row["ms_per_step"] if ours else float("nan")
+    meta = {
+        "torch": torch.__version__,
+        "world": a.world,
+        "threads_per_rank": a.threads,
+        "tokens_per_rank_per_step": a.batch * a.seq_len,
+        "model": f"d={a.d_model} layers={a.layers} moe_every={a.moe_every} experts={a.experts} d_ff={a.d_ff}",
+        "engine": "DeepSpeed ZeRO 0, fp32, CPU gloo",
+        "targets": "ours_top2 / deepspeed_dropless <= 0.85; ours_top2 / deepspeed_cf1 <= 1.0 (time per step)",
+    }
+    cols = [
+        "variant",
+        "ms_per_step",
+        "tokens_per_s",
+        "peak_mem_mb",
+        "ours_top2_time_ratio",
+        "busiest_rank_rows_over_mean",
+        "dropped_share",
+    ]
+    emit("train", rows, cols, meta, a.json)
