@@ -64,6 +64,15 @@ class AdaptController:
         self.events: list[AdaptEvent] = []
         self._set_recording()
 
+    def state_dict(self) -> dict:
+        """The schedule position and every layer's open window; the events so far live in the run's log."""
+        return {"steps": self.steps, "recorders": {layer.name: layer.recorder.state_dict() for layer in self.layers}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        for layer in self.layers:
+            layer.recorder.load_state_dict(state["recorders"][layer.name])
+
     @property
     def period(self) -> int:
         return self.cfg.record_steps + self.cfg.idle_steps

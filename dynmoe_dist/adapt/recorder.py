@@ -52,6 +52,15 @@ class RoutingRecorder:
         self.unrouted[:-1] += stats.unrouted_sum.detach().to("cpu", torch.float64)
         self.unrouted[-1] += float(stats.unrouted_count)
 
+    def state_dict(self) -> dict:
+        """This rank's open window (by router position, matching the layer's ``expert_ids``): part of a checkpoint."""
+        return {"tokens": self.tokens.clone(), "unrouted": self.unrouted.clone(), "active": self.active}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens = state["tokens"].to(torch.float64).clone()
+        self.unrouted = state["unrouted"].to(torch.float64).clone()
+        self.active = bool(state["active"])
+
     def reduce(self, expert_ids: list[int], world_group, device: torch.device | str = "cpu") -> WindowStats:
         """Sum this window over the world (one all-reduce) and return it; every rank gets the same numbers.
 

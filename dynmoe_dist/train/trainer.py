@@ -10,6 +10,7 @@ The state a run needs beyond parameters and optimizer state is ``TrainState`` pl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def rng_cuda(device: torch.device) -> torch.Tensor | None:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 @dataclass
@@ -97,6 +102,25 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def state_dict(self) -> dict:
+        """This rank's training state beyond parameters and optimizer state (which the checkpoint shards by expert
+        id): step counters, the data position, the adaptation schedule and windows, and the RNG streams."""
+        return {
+            "train": dataclasses.asdict(self.state),
+            "data": self.stream.state_dict(),
+            "adapt": self.adapt.state_dict() if self.adapt is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "cuda": rng_cuda(self.device)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = TrainState(**state["train"])
+        self.stream.load_state_dict(state["data"])
+        if self.adapt is not None and state["adapt"] is not None:
+            self.adapt.load_state_dict(state["adapt"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
     # ----------------------------------------------------------------------------------------------------------------
 
