@@ -3,7 +3,7 @@
 #
 # Usage:
 #   launch/deepspeed.sh [hydra overrides...]
-#   HOSTFILE=launch/hostfile NUM_NODES=2 NPROC_PER_NODE=8 launch/deepspeed.sh model=small train.steps=1000
+#   HOSTFILE=launch/hostfile NUM_NODES=2 NPROC_PER_NODE=8 launch/deepspeed.sh model=small steps=1000
 #
 # Environment (defaults in brackets):
 #   HOSTFILE        DeepSpeed hostfile ("node1 slots=8" lines) for multi-node runs; unset: this host only [unset]

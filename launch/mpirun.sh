@@ -4,7 +4,7 @@
 # Usage:
 #   launch/mpirun.sh [hydra overrides...]
 #   NP=16 HOSTFILE=hosts launch/mpirun.sh model=small
-#   NP=4 OVERSUBSCRIBE=1 launch/mpirun.sh train.steps=10      # more ranks than cores (Open MPI refuses otherwise)
+#   NP=4 OVERSUBSCRIBE=1 launch/mpirun.sh steps=10      # more ranks than cores (Open MPI refuses otherwise)
 #
 # Environment (defaults in brackets):
 #   NP              total number of processes [2]

@@ -73,6 +73,7 @@ def test_run_folder_holds_config_metrics_and_events(runs, engine: str) -> None:
     events = records(folder / "events.jsonl")
     assert events and all(e["committed"] for e in events)
     assert {"step", "layer", "kind", "added", "removed", "moved", "bytes_moved", "seconds", "experts"} <= set(events[0])
+    assert f"{engine} engine, fp32 on cpu" in proc.stderr  # the resolved precision and device, said once
     # what is printed last says where everything is
     lines = proc.stdout.strip().splitlines()
     tail = lines[lines.index(f"run folder: {folder}") :]

@@ -85,6 +85,7 @@ def test_unknown_keys_and_wrong_types_are_named_by_hydra(overrides: list[str], n
         (["adapt.max_experts_per_rank=4"], 2, "adapt.max_experts_per_rank", "so that 16 experts fit"),
         (["data=text"], 2, "data.path", "text"),
         (["engine.precision=fp16"], 2, "engine.precision", "bf16"),
+        (["engine.precision=fp64"], 2, "engine.precision", "fp64: torch"),
     ],
 )
 def test_combinations_that_cannot_work_are_refused(overrides, world, setting, hint) -> None:

@@ -37,6 +37,7 @@ def test_training_on_gpus_in_bf16(tmp_path: Path, engine: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     config = (tmp_path / "gpu" / "config.yaml").read_text()
     assert "precision: auto" in config and "device: auto" in config
+    assert "bf16 on cuda:0" in proc.stdout + proc.stderr  # auto resolved to the GPU and bf16
     rows = [json.loads(line) for line in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
     val = [r["loss"] for r in rows if r["kind"] == "val"]
     assert val[-1] < val[0]

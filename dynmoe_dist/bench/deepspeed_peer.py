@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+
+from ..train.model import MLP
 
 __all__ = [
     "DeepSpeedTraffic",
@@ -97,16 +98,8 @@ def local_expert_range(num_experts: int, ep_size: int) -> range:
     return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
 
 
-class GeluExpert(nn.Module):
-    """Bias-free FFN ``gelu(x @ w_in) @ w_out`` (exact erf GELU)."""
-
-    def __init__(self, d_model: int, d_ff: int) -> None:
-        super().__init__()
-        self.fc_in = nn.Linear(d_model, d_ff, bias=False)
-        self.fc_out = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x)))
+class GeluExpert(MLP):
+    """Bias-free FFN ``gelu(x @ w_in) @ w_out`` (exact erf GELU): the training model's dense MLP, loadable."""
 
     @torch.no_grad()
     def load(self, w_in: torch.Tensor, w_out: torch.Tensor) -> None:

@@ -74,17 +74,18 @@ def run(cfg: DictConfig) -> None:
             clear(path)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         sink = RunFolder(path, OmegaConf.to_yaml(cfg, resolve=True), resolved, tc.logging.wandb, tc.logging.project)
+    try:
+        trainer = Trainer(tc, corpus, groups, device, sink)
         log.info(
-            "training %s: %d ranks (expert-parallel %d), %s engine, device %s, data: %s",
+            "training %s: %d ranks (expert-parallel %d), %s engine, %s on %s; data: %s",
             tc.name,
             env.world_size,
             groups.ep_size,
             tc.engine.name,
+            trainer.precision,
             device,
             corpus.description,
         )
-    try:
-        trainer = Trainer(tc, corpus, groups, device, sink)
         trainer.fit()
     finally:
         lines = sink.close() if sink is not None else []

@@ -368,6 +368,8 @@ def _check_engine(cfg: Any) -> None:
     if e.name == "torch":
         check(e.zero_stage == 0, "engine.zero_stage", e.zero_stage, "0 with engine=torch (ZeRO is DeepSpeed's)")
         check(not e.deepspeed, "engine.deepspeed", dict(e.deepspeed), "empty with engine=torch")
+    else:
+        check(e.precision != "fp64", "engine.precision", e.precision, "auto, fp32 or bf16 with DeepSpeed (fp64: torch)")
     for key in OWNED_DS_KEYS:
         head, _, tail = key.partition(".")
         if head in e.deepspeed and (not tail or tail in (e.deepspeed[head] or {})):

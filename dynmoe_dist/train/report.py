@@ -80,6 +80,12 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def _grid(n: int):
     plt = _pyplot()
     cols = min(n, 2)
@@ -99,9 +105,7 @@ def plot_loss(run: Run, path: Path) -> None:
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_experts(run: Run, path: Path) -> None:
@@ -122,9 +126,7 @@ def plot_experts(run: Run, path: Path) -> None:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     top.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def k_shares(records: list[dict], layer: str) -> list[float]:
@@ -137,7 +139,6 @@ def k_shares(records: list[dict], layer: str) -> list[float]:
 
 
 def plot_k(run: Run, path: Path) -> None:
-    plt = _pyplot()
     fig, axes = _grid(len(run.layers))
     quarter = max(1, len(run.train) // 4)
     for ax, layer in zip(axes, run.layers):
@@ -149,15 +150,12 @@ def plot_k(run: Run, path: Path) -> None:
         ax.set(xlabel="k (experts per token; 0 = unrouted)", ylabel="share of tokens", title=layer, xticks=ks)
         ax.legend(fontsize=8)
     fig.suptitle("Distribution of k")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_load(run: Run, path: Path) -> None:
     import numpy as np
 
-    plt = _pyplot()
     fig, axes = _grid(len(run.layers))
     steps = [r["step"] for r in run.train]
     for ax, layer in zip(axes, run.layers):
@@ -177,9 +175,7 @@ def plot_load(run: Run, path: Path) -> None:
         ax.set_yticks(range(len(ids)), [str(i) for i in ids], fontsize=7)
         fig.colorbar(image, ax=ax, label="share of assignments")
     fig.suptitle("Per-expert load over time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_throughput(run: Run, path: Path) -> None:
@@ -192,9 +188,7 @@ def plot_throughput(run: Run, path: Path) -> None:
     mem = ax.twinx()
     mem.plot(steps, [r["peak_mem_mb"] for r in run.train], color="tab:gray", linestyle="--")
     mem.set_ylabel("peak memory per rank (MB, dashed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 PLOTS = {

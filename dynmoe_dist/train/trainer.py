@@ -182,7 +182,9 @@ class Trainer:
             for event in result.events:
                 self.record_event(event, progress)
             experts = "/".join(str(layer.num_experts) for layer in self.model.moe_layers())
-            progress.update(1, {"loss": f"{result.loss:.3f}", "experts": experts})
+            tokens_per_s = cfg.data.batch_size * cfg.data.seq_len * self.world * len(self.step_seconds)
+            tokens_per_s /= sum(self.step_seconds)
+            progress.update(1, {"loss": f"{result.loss:.3f}", "tok/s": f"{tokens_per_s:.0f}", "experts": experts})
             if step % cfg.logging.every == 0 or step == cfg.steps:
                 self.log_train(progress)
             if step % cfg.logging.val_every == 0 or step == cfg.steps:
