@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from ..errors import DynMoEError
 from ..parallel.bootstrap import detect_env
@@ -38,14 +39,19 @@ def setup_logging(rank: int) -> None:
 
 
 def run(cfg: DictConfig) -> None:
-    import torch
 
     from .config import TrainConfig, check_config, ep_size_for
     from .data import load_corpus
 
-    env = detect_env()
+    try:
+        env = detect_env()
+    except DynMoEError as exc:  # the launcher's variables contradict each other: no rank to trust, every rank says it
+        fail(str(exc), 0)
     setup_logging(env.rank)
-    tc: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        tc: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except MissingMandatoryValue as exc:
+        fail(f"{exc.full_key} has no value (??? in its preset); set it, e.g. {exc.full_key}=<value>", env.rank)
     try:
         check_config(tc, env.world_size)
         corpus = load_corpus(tc.data)
@@ -55,25 +61,12 @@ def run(cfg: DictConfig) -> None:
 
     from ..parallel import build_groups
     from ..parallel.bootstrap import init_distributed, shutdown
-    from .run_folder import RunFolder, clear, existing_run_error, holds_run
     from .trainer import Trainer
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     env = init_distributed(timeout_s=tc.parallel.timeout_s, backend=backend, env=env)
     groups = build_groups(ep_size_for(tc, env.world_size))
-    path = Path(tc.out_dir) / tc.name
-    clash = torch.tensor([int(env.rank == 0 and holds_run(path) and not tc.overwrite)], device=device)
-    if groups.world_group is not None:
-        torch.distributed.all_reduce(clash, group=groups.world_group)  # every rank learns rank 0's verdict
-    if int(clash.max()):
-        shutdown()
-        fail(str(existing_run_error(path)), env.rank)
-    sink = None
-    if env.rank == 0:
-        if tc.overwrite:
-            clear(path)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        sink = RunFolder(path, OmegaConf.to_yaml(cfg, resolve=True), resolved, tc.logging.wandb, tc.logging.project)
+    sink = open_run_folder(cfg, tc, env.rank, groups, device)
     try:
         trainer = Trainer(tc, corpus, groups, device, sink)
         log.info(
@@ -92,6 +85,28 @@ def run(cfg: DictConfig) -> None:
     shutdown()
     for line in lines:
         print(line, flush=True)
+
+
+def open_run_folder(cfg: DictConfig, tc, rank: int, groups, device):
+    """Rank 0 claims ``<out_dir>/<name>`` (its verdict all-reduced, so a clash stops every rank) and opens it."""
+    import torch
+
+    from ..parallel.bootstrap import shutdown
+    from .run_folder import RunFolder, clear, existing_run_error, holds_run
+
+    path = Path(tc.out_dir) / tc.name
+    clash = torch.tensor([int(rank == 0 and holds_run(path) and not tc.overwrite)], device=device)
+    if groups.world_group is not None:
+        torch.distributed.all_reduce(clash, group=groups.world_group)
+    if int(clash.item()):
+        shutdown()
+        fail(str(existing_run_error(path)), rank)
+    if rank != 0:
+        return None
+    if tc.overwrite:
+        clear(path)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return RunFolder(path, OmegaConf.to_yaml(cfg, resolve=True), resolved, tc.logging.wandb, tc.logging.project)
 
 
 def pick_device(choice: str, local_rank: int):

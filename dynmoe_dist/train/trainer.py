@@ -31,8 +31,6 @@ from .model import Transformer
 from .progress import Progress
 from .schedule import learning_rate
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}  # parameter dtype before the engine
-
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 on a GPU that has it (A100 and newer), fp32 elsewhere."""
@@ -75,7 +73,9 @@ class Trainer:
         self.rank, self.world = groups.rank, groups.world_size
         self.precision = resolve_precision(cfg.engine.precision, device)
         self.model = Transformer(cfg.model, cfg.moe, groups, seed=cfg.seed, moe_factory=moe_factory)
-        self.model.to(device=device, dtype=DTYPES[self.precision])
+        self.model.to(device)  # fp32 parameters for fp32 and bf16 alike: the engine decides what computes in bf16
+        if self.precision == "fp64":
+            self.model.double()
         o = cfg.optim
         self.moe_opt = MoEAdam.for_moe(self.model, lr=o.moe_lr or o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         self.engine = self._engine()

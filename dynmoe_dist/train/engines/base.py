@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ...layer import MoELayer
 from ...optim import MoEAdam
 from ...optim.clip import check_finite_norm, clip_coefficient, moe_squared_norm, scale_gradients
 from ...parallel.grads import moe_parameter_kinds
@@ -76,5 +77,6 @@ class Engine:
             group["lr"] = moe_lr
         self.moe_opt.step()
         self.moe_opt.zero_grad(set_to_none=True)
-        for layer in self.model.moe_layers():
-            layer.on_optimizer_step()
+        for layer in self.model.modules():
+            if isinstance(layer, MoELayer):
+                layer.on_optimizer_step()

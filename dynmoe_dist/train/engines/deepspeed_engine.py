@@ -61,7 +61,8 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model, groups, moe_opt, optim_cfg, ds_config: dict, device: torch.device) -> None:
         super().__init__(model, groups, moe_opt, optim_cfg.grad_clip, device)
         deepspeed = import_deepspeed()
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend() if groups.world_group else "gloo")
+        initialised = torch.distributed.is_initialized()
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend() if initialised else "gloo")
         self.view = DenseView(model)
         # lr 0 until the first step sets it: DeepSpeed's bf16 wrapper takes one zero-gradient step while it sets up,
         # which with a real rate would already apply weight decay
