@@ -31,7 +31,9 @@ def squared_norm(params: Iterable[torch.Tensor], device: torch.device | str = "c
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack([g.detach().double().square().sum() for g in grads]).sum().to(device)
+    # vector_norm accumulates in float64 without a float64 copy of the gradient
+    norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float64) for g in grads])
+    return norms.square().sum().to(device)
 
 
 def moe_squared_norm(model: nn.Module, groups: ParallelGroups, device: torch.device | str = "cpu") -> torch.Tensor:

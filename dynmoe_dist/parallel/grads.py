@@ -42,12 +42,18 @@ def reduce_grads(params: list[nn.Parameter], group, scale: float, name: str) -> 
     """Scale and sum-reduce the gradients of ``params`` over ``group`` as one flat buffer."""
     if not params:
         return
+    if group is None:  # nothing to exchange (no replicas): scale in place, no flat copy
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif scale != 1.0:
+                p.grad.mul_(scale)
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = _flatten_dense_tensors(grads)
     if scale != 1.0:
         flat.mul_(scale)
-    if group is not None:
-        all_reduce(flat, group, name)
+    all_reduce(flat, group, name)
     for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
         if p.grad is None:
             p.grad = g
