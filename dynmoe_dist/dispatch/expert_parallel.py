@@ -94,12 +94,14 @@ class ExpertParallelDispatcher:
         own_first, own_second = split_segments(own, half)
         remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
 
-        # half of the own rows hides the dispatch exchange, the other half hides the combine exchange
-        buf, flight = start_all_to_all(rows[n_self:], recv_splits, send_splits, group, f"{self.name}.dispatch.rows")
-        y_first = experts(rows[:half], own_first)
+        # half of the own rows hides the dispatch exchange, the other half hides the combine exchange (split, not
+        # three slices: each slice's backward would zero-fill a buffer of all the rows)
+        first, second, outgoing = rows.split([half, n_self - half, rows.shape[0] - n_self])
+        buf, flight = start_all_to_all(outgoing, recv_splits, send_splits, group, f"{self.name}.dispatch.rows")
+        y_first = experts(first, own_first)
         y_remote = experts(finish_all_to_all(buf, flight), remote)
         buf, flight = start_all_to_all(y_remote, send_splits, recv_splits, group, f"{self.name}.combine.rows")
-        y_second = experts(rows[half:n_self], own_second)
+        y_second = experts(second, own_second)
         back = finish_all_to_all(buf, flight)
         out = combine_rows(torch.cat([y_first, y_second, back]), perm, x.shape[0])
         traffic = Traffic(

@@ -32,17 +32,18 @@ def grouped_ffn(
 ) -> torch.Tensor:
     """``segments`` = [(slot, n), ...] in row order: the next n rows go through expert ``slot``."""
     outputs = []
-    start = 0
     # one unbind per stacked weight: its backward stacks the per-expert gradients once, where indexing w[e] per
     # segment would allocate and add a full-size zero gradient for every segment
     # Weights follow the rows' dtype: bf16 activations compute in bf16 against fp32 parameters, whose gradients
     # arrive in fp32 through the cast (a no-op when the dtypes already agree).
     w_ins, w_outs = w_in.to(rows.dtype).unbind(0), w_out.to(rows.dtype).unbind(0)
     w_gates = w_gate.to(rows.dtype).unbind(0) if w_gate is not None else [None] * len(w_ins)
-    for slot, n in segments:
+    # split, not one slice per segment: a slice's backward writes its gradient into a zero-filled buffer of all the
+    # rows (one fill per segment), where split's backward is one cat
+    pieces = rows.split([n for _, n in segments]) if segments else ()
+    for (slot, n), piece in zip(segments, pieces):
         if n:
-            outputs.append(expert_ffn(rows[start : start + n], w_ins[slot], w_outs[slot], w_gates[slot]))
-            start += n
+            outputs.append(expert_ffn(piece, w_ins[slot], w_outs[slot], w_gates[slot]))
     if not outputs:
         # no rows at all: stay connected to the inputs and weights, so every rank gets (zero) gradients for them
         touch = sum(w.sum() for w in (w_in, w_out, w_gate) if w is not None)

@@ -61,7 +61,8 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, want_probs: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        heads = (t.view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
+        q, k, v = heads  # [B, H, S, D] each
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         drop = self.dropout if self.training else 0.0
