@@ -114,7 +114,8 @@ class MetricsWindow:
             hist = values[pos + 3 : pos + 3 + self.k_bins]
             load = values[pos + 3 + self.k_bins : pos + 3 + self.k_bins + len(ids)]
             pos += 3 + self.k_bins + len(ids)
-            live = [v for i, v in zip(ids, load) if i in set(layer.router.expert_ids.tolist())] or [0.0]
+            present = set(layer.router.expert_ids.tolist())
+            live = [v for i, v in zip(ids, load) if i in present] or [0.0]
             mean = sum(live) / len(live)
             out["moe"][layer.name] = {
                 "experts": layer.num_experts,
