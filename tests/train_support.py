@@ -52,5 +52,7 @@ def seed_events(model: torch.nn.Module) -> None:
 
 def deepspeed_env() -> None:
     """What a launcher would have exported; DeepSpeed reads LOCAL_RANK even when torch.distributed is up."""
+    if not dist.is_initialized():
+        return
     rank, world = dist.get_rank(), dist.get_world_size()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))

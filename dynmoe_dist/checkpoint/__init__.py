@@ -1,0 +1,22 @@
+"""Checkpoints that survive everything: sharded by expert id, atomic, verified, loadable on any world and ep size."""
+
+from .dense import DenseState, UnfusedMasters, ZeroPartitions
+from .files import latest, published
+from .io import load, read_rank_tensors, resolve, save, verify
+from .manifest import CheckpointError, LayerRecord, Manifest
+
+__all__ = [
+    "CheckpointError",
+    "DenseState",
+    "LayerRecord",
+    "Manifest",
+    "UnfusedMasters",
+    "ZeroPartitions",
+    "latest",
+    "load",
+    "published",
+    "read_rank_tensors",
+    "resolve",
+    "save",
+    "verify",
+]

@@ -1,0 +1,150 @@
+"""Checkpoint oracles on real ranks (gloo): resume == uninterrupted, reshard == no reshard, and the expert set,
+placement and optimizer state that adaptation produced come back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dynmoe_dist.parallel.groups import single_process_groups
+from dynmoe_dist.train.checkpointing import load_checkpoint, save_checkpoint
+from dynmoe_dist.train.trainer import Trainer
+
+import dist_pool
+from train_support import EVENTS, config, deepspeed_env, seed_events, small_corpus
+
+GLOBAL_BATCH = 12  # sequences per step over the world: 2 x 6, 3 x 4, 4 x 3, 1 x 12 see the same batches
+NO_BATCH_STATS = ("moe.router.balance_weight=0.0",)  # the balance term is a per-rank batch statistic
+
+
+def trainer(world: int, ep: int, *overrides: str) -> Trainer:
+    deepspeed_env()
+    cfg = config(*EVENTS, *NO_BATCH_STATS, f"data.batch_size={GLOBAL_BATCH // world}", "steps=40", *overrides)
+    groups = dist_pool.groups(ep) if world > 1 else single_process_groups()
+    t = Trainer(cfg, small_corpus(), groups, torch.device("cpu"))
+    seed_events(t.model)
+    return t
+
+
+def by_id(t: Trainer) -> dict[str, torch.Tensor]:
+    """Every tensor this rank holds that matters, MoE ones keyed by expert id: values and optimizer state."""
+    from dynmoe_dist.checkpoint import moe as ckpt_moe
+    from dynmoe_dist.train.checkpointing import dense_state
+
+    out = dict(dense_state(t).read())
+    for layer in t.model.moe_layers():
+        out.update(ckpt_moe.replicated_tensors(layer, t.moe_opt))
+        out.update(ckpt_moe.expert_tensors(layer, t.moe_opt))
+        out[f"placement/{layer.name}"] = torch.tensor([layer.placement.owners, layer.placement.slots])
+        out[f"ids/{layer.name}"] = layer.router.expert_ids
+    return {k: v.clone() for k, v in out.items()}  # a snapshot: training goes on after it
+
+
+def window(t: Trainer) -> dict[str, torch.Tensor]:
+    """This rank's part of each layer's open recording window (tokens per expert, unrouted sum and count)."""
+    return {m.name: torch.cat([m.recorder.tokens, m.recorder.unrouted]).clone() for m in t.model.moe_layers()}
+
+
+def steps(t: Trainer, n: int) -> list[tuple]:
+    out = []
+    for _ in range(n):
+        r = t.train_step()
+        out.append((r.loss, r.grad_norm, [(e.kind, e.added, e.removed, e.moved) for e in r.events if e.committed]))
+    return out
+
+
+def case_resume(root: str, engine: tuple[str, ...], save_at: int, more: int) -> dict:
+    t = trainer(dist.get_world_size(), dist.get_world_size(), *engine)
+    steps(t, save_at)
+    save_checkpoint(t, Path(root), keep=2, config=None)
+    expected = steps(t, more)
+    resumed = trainer(dist.get_world_size(), dist.get_world_size(), *engine)
+    load_checkpoint(resumed, Path(root))
+    got = steps(resumed, more)
+    a, b = by_id(t), by_id(resumed)
+    diff = max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+    return {"expected": expected, "got": got, "same_keys": set(a) == set(b), "max_param_diff": diff}
+
+
+def test_resume_is_bit_identical_with_the_torch_engine_across_an_event(tmp_path: Path) -> None:
+    results = dist_pool.pool(2).run(case_resume, str(tmp_path), ("engine=torch",), 5, 8)
+    for r in results:
+        assert any(events for _, _, events in r["expected"])  # an adaptation event fell between save and end
+        assert r["got"] == r["expected"]  # losses, norms and events, exactly
+        assert r["same_keys"] and r["max_param_diff"] == 0.0
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_resume_with_deepspeed_to_float_tolerance(tmp_path: Path, stage: int) -> None:
+    results = dist_pool.pool(2).run(
+        case_resume, str(tmp_path), ("engine=deepspeed", f"engine.zero_stage={stage}"), 5, 8
+    )
+    for r in results:
+        assert [e for *_, e in r["got"]] == [e for *_, e in r["expected"]]
+        for (la, na, _), (lb, nb, _) in zip(r["got"], r["expected"]):
+            assert la == pytest.approx(lb, rel=1e-5) and na == pytest.approx(nb, rel=1e-5)
+        assert r["same_keys"] and r["max_param_diff"] < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reshard
+
+
+def case_save(root: str, save_at: int, more: int) -> dict:
+    t = trainer(2, 2, "engine=torch")
+    history = steps(t, save_at)
+    save_checkpoint(t, Path(root), keep=2, config=None)
+    saved, open_window = by_id(t), window(t)
+    continued = [loss for loss, *_ in steps(t, more)]
+    return {"saved": saved, "continued": continued, "events": [e for *_, e in history if e], "window": open_window}
+
+
+def case_load(root: str, ep: int, more: int) -> dict:
+    t = trainer(dist.get_world_size() if dist.is_initialized() else 1, ep, "engine=torch")
+    load_checkpoint(t, Path(root))
+    loaded, open_window = by_id(t), window(t)
+    tables = {m.name: m.placement for m in t.model.moe_layers()}  # as loaded, before training moves experts again
+    continued = [loss for loss, *_ in steps(t, more)]
+    return {"loaded": loaded, "continued": continued, "ids": tables, "window": open_window}
+
+
+def global_losses(results: list[dict]) -> list[float]:
+    """The mean of the ranks' losses: the global mean loss, every rank holding the same number of tokens."""
+    return [sum(step) / len(step) for step in zip(*(r["continued"] for r in results))]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("reshard")
+    return root, dist_pool.pool(2).run(case_save, str(root), 13, 4)  # step 13: inside a recording window
+
+
+@pytest.mark.parametrize(("world", "ep"), [(3, 3), (4, 2), (1, 1), (2, 2)])
+def test_reshard_equals_no_reshard(saved, world: int, ep: int) -> None:
+    root, before = saved
+    assert any(e for r in before for e in r["events"])  # the saved expert set came out of adaptation
+    after = [case_load(str(root), 1, 4)] if world == 1 else dist_pool.pool(world).run(case_load, str(root), ep, 4)
+    # every tensor, MoE ones by expert id: exactly what the saving ranks held
+    saved_all = {k: v for r in before for k, v in r["saved"].items() if not k.startswith("placement/")}
+    loaded_all = {k: v for r in after for k, v in r["loaded"].items() if not k.startswith("placement/")}
+    assert set(loaded_all) == set(saved_all)
+    for key, value in saved_all.items():
+        assert torch.equal(loaded_all[key], value), key
+    # the open recording window: the same world-wide sums (it was partly filled at the save)
+    for name in before[0]["window"]:
+        summed = sum(r["window"][name] for r in before)
+        assert summed.sum() > 0 and torch.equal(sum(r["window"][name] for r in after), summed)
+    # continued training matches the continuation without reshard (the same global batches, float tolerance)
+    assert global_losses(after) == pytest.approx(global_losses(before), rel=1e-5)
+    # placement: the saved one where the expert-parallel size is unchanged, else contiguous blocks
+    for name, table in after[0]["ids"].items():
+        saved_owners = before[0]["saved"][f"placement/{name}"][0].tolist()
+        if ep == 2:
+            assert list(table.owners) == saved_owners
+        else:
+            assert table.ep_size == ep and table.counts_per_rank() == [
+                len(table.expert_ids) // ep + (r < len(table.expert_ids) % ep) for r in range(ep)
+            ]
