@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,10 +101,67 @@ def test_both_engines_reach_the_same_losses(runs) -> None:
 def test_an_existing_run_is_never_overwritten(runs) -> None:
     folder, _ = runs["torch"]
     before = (folder / "metrics.jsonl").read_bytes()
-    proc = train(folder.parent, "name=torch", "engine=torch", "logging.wandb=disabled")
+    proc = train(folder.parent, "name=torch", "engine=torch", "logging.wandb=disabled", "resume=none")
     assert proc.returncode != 0  # each rank exits 2; torchrun reports the failure as 1
-    assert proc.stderr.count("already holds a run") == 1  # said once, by rank 0 and "overwrite=true" in proc.stderr
+    assert proc.stderr.count("already holds a run") == 1  # said once, by rank 0
+    assert "resume=auto" in proc.stderr and "overwrite=true" in proc.stderr
     assert (folder / "metrics.jsonl").read_bytes() == before
+
+
+COMPARED = ("loss", "grad_norm", "aux_loss", "lr", "tokens")
+
+
+def comparable(folder: Path) -> list[tuple]:
+    """The records two runs of the same training must agree on (not wall time, throughput or memory)."""
+    out = []
+    for r in records(folder / "metrics.jsonl"):
+        if r["kind"] in ("train", "val"):
+            moe = [(m["experts"], m["k_hist"], m["load"]) for m in r.get("moe", {}).values()]
+            out.append((r["kind"], r["step"], *[round(r.get(k, 0.0), 6) for k in COMPARED], moe))
+    return out
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run to go on from, so the module's runs stay as the other tests expect them."""
+    target = tmp_path / "runs" / folder.name
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_resume_auto_continues_the_run_as_if_uninterrupted(runs, tmp_path: Path) -> None:
+    """A second launch of the same run with more steps picks up its last checkpoint (written at the end)."""
+    folder = copy_of(runs["deepspeed"][0], tmp_path)
+    assert (folder / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:06d}"
+    more = STEPS + 8
+    proc = train(folder.parent, "name=deepspeed", f"steps={more}", "logging.wandb=disabled")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {folder / 'checkpoints' / f'step_{STEPS:06d}'}" in proc.stderr
+    whole = train(folder.parent, "name=whole", f"steps={more}", "logging.wandb=disabled")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    resumed, uninterrupted = comparable(folder), comparable(folder.parent / "whole")
+    assert [r[:2] for r in resumed] == [r[:2] for r in uninterrupted]  # one record per step, none twice
+    assert resumed == uninterrupted
+    assert records(folder / "events.jsonl") and [
+        {k: e[k] for k in ("step", "added", "removed", "moved")} for e in records(folder / "events.jsonl")
+    ] == [
+        {k: e[k] for k in ("step", "added", "removed", "moved")}
+        for e in records(folder.parent / "whole" / "events.jsonl")
+    ]
+
+
+def test_a_damaged_checkpoint_is_refused_and_nothing_is_written(runs, tmp_path: Path) -> None:
+    folder = copy_of(runs["torch"][0], tmp_path)
+    latest = folder / "checkpoints" / (folder / "checkpoints" / "latest").read_text().strip()
+    shard = latest / "shared.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    proc = train(folder.parent, "name=torch", "engine=torch", "logging.wandb=disabled", "steps=24")
+    assert proc.returncode != 0
+    assert "shared.safetensors does not match its SHA-256" in proc.stderr
+    after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    assert after == before
 
 
 def test_report_on_the_recorded_run(runs) -> None:

@@ -59,16 +59,29 @@ def run(cfg: DictConfig) -> None:
     except DynMoEError as exc:
         fail(str(exc), env.rank)
 
+    from ..checkpoint import CheckpointError
     from ..parallel import build_groups
     from ..parallel.bootstrap import init_distributed, shutdown
+    from .checkpointing import load_checkpoint
     from .trainer import Trainer
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     env = init_distributed(timeout_s=tc.parallel.timeout_s, backend=backend, env=env)
     groups = build_groups(ep_size_for(tc, env.world_size))
-    sink = open_run_folder(cfg, tc, env.rank, groups, device)
+    path = Path(tc.out_dir) / tc.name
+    start = agree_start(tc, path, env.rank, groups)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    trainer = Trainer(tc, corpus, groups, device, None, checkpoint_root=path / "checkpoints", resolved_config=resolved)
+    if start is not None:
+        try:
+            manifest = load_checkpoint(trainer, start)  # verified first: a refused checkpoint writes nothing
+        except CheckpointError as exc:
+            shutdown()
+            fail(str(exc), env.rank)
+        log.info("resumed from %s (step %d, saved on %d ranks)", start, manifest.step, manifest.world_size)
+    sink = open_run_folder(cfg, tc, path, env.rank, trainer.state.step if start is not None else None)
+    trainer.sink = sink
     try:
-        trainer = Trainer(tc, corpus, groups, device, sink)
         log.info(
             "training %s: %d ranks (expert-parallel %d), %s engine, %s on %s; data: %s",
             tc.name,
@@ -79,7 +92,14 @@ def run(cfg: DictConfig) -> None:
             device,
             corpus.description,
         )
-        trainer.fit()
+        if trainer.state.step >= tc.steps:
+            log.info(
+                "nothing to train: the run is at step %d of steps=%d; pass steps=<more> to go on",
+                trainer.state.step,
+                tc.steps,
+            )
+        else:
+            trainer.fit()
     finally:
         lines = sink.close() if sink is not None else []
     shutdown()
@@ -87,26 +107,48 @@ def run(cfg: DictConfig) -> None:
         print(line, flush=True)
 
 
-def open_run_folder(cfg: DictConfig, tc, rank: int, groups, device):
-    """Rank 0 claims ``<out_dir>/<name>`` (its verdict all-reduced, so a clash stops every rank) and opens it."""
-    import torch
+def agree_start(tc, path: Path, rank: int, groups) -> Path | None:
+    """Which checkpoint to start from (rank 0 decides, every rank learns it); refuses to start over an earlier run."""
+    import torch.distributed as dist
 
+    from ..checkpoint import latest, resolve
     from ..parallel.bootstrap import shutdown
-    from .run_folder import RunFolder, clear, existing_run_error, holds_run
+    from .run_folder import existing_run_error, holds_run
 
-    path = Path(tc.out_dir) / tc.name
-    clash = torch.tensor([int(rank == 0 and holds_run(path) and not tc.overwrite)], device=device)
+    verdict: tuple[str | None, str] = (None, "")
+    if rank == 0:
+        try:
+            if tc.resume == "auto":
+                found = latest(path / "checkpoints")
+                verdict = (str(found) if found is not None else None, "")
+            elif tc.resume != "none":
+                verdict = (str(resolve(Path(tc.resume))), "")
+            if verdict[0] is None and holds_run(path) and not tc.overwrite:  # nothing to resume from: a clash
+                verdict = (None, str(existing_run_error(path)))
+        except DynMoEError as exc:
+            verdict = (None, str(exc))
+    everyone = [verdict] * groups.world_size
     if groups.world_group is not None:
-        torch.distributed.all_reduce(clash, group=groups.world_group)
-    if int(clash.item()):
+        dist.all_gather_object(everyone, verdict, group=groups.world_group)
+    start, error = everyone[0]
+    if error:
         shutdown()
-        fail(str(existing_run_error(path)), rank)
+        fail(error, rank)
+    return Path(start) if start is not None else None
+
+
+def open_run_folder(cfg: DictConfig, tc, path: Path, rank: int, resumed_step: int | None):
+    """Rank 0 opens ``<out_dir>/<name>``: cleared first with overwrite=true, its logs cut back to a resumed step."""
+    from .run_folder import RunFolder, clear
+
     if rank != 0:
         return None
-    if tc.overwrite:
+    if tc.overwrite and resumed_step is None:
         clear(path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return RunFolder(path, OmegaConf.to_yaml(cfg, resolve=True), resolved, tc.logging.wandb, tc.logging.project)
+    return RunFolder(
+        path, OmegaConf.to_yaml(cfg, resolve=True), resolved, tc.logging.wandb, tc.logging.project, resumed_step
+    )
 
 
 def pick_device(choice: str, local_rank: int):

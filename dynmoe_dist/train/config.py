@@ -154,10 +154,17 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointSettings:
+    every: int = 0  # steps between checkpoints (and one at the end); 0: none
+    keep: int = 3  # the newest checkpoints kept under <out_dir>/<name>/checkpoints
+
+
+@dataclass
 class TrainConfig:
     name: str = "demo"
     out_dir: str = "runs"
-    overwrite: bool = False  # replace the metrics of an earlier run of the same name
+    overwrite: bool = False  # replace an earlier run of the same name that has no checkpoint to resume
+    resume: str = "auto"  # auto (the run's latest checkpoint, if any) | none | a checkpoint or run folder
     seed: int = 0
     steps: int = 300
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -168,6 +175,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: str | None = None) -> TrainConfig:
@@ -274,6 +282,7 @@ def check_config(cfg: Any, world_size: int) -> None:
         "logging.every": cfg.logging.every,
         "logging.val_every": cfg.logging.val_every,
         "parallel.timeout_s": cfg.parallel.timeout_s,
+        "checkpoint.keep": cfg.checkpoint.keep,
     }
     for key, value in positive.items():
         check(value > 0, key, value, "a number > 0")
@@ -295,6 +304,8 @@ def check_config(cfg: Any, world_size: int) -> None:
         f"at most model.max_seq_len={m.max_seq_len} (the longest sequence the model's positions cover)",
     )
     check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a fraction in (0, 1)")
+    check(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "steps between checkpoints, 0 for none")
+    check(bool(cfg.resume), "resume", cfg.resume, "auto, none, or the path of a checkpoint or run folder")
     if d.source in ("text", "jsonl", "bin"):
         check(d.path is not None, "data.path", None, f"a path to the {d.source} data (data.source={d.source})")
     if moe.d_ff is not None:

@@ -156,7 +156,12 @@ def wandb_row(record: dict) -> dict[str, float]:
     row: dict[str, float] = {}
     kind = record.get("kind", "train")
     for key, value in record.items():
-        if isinstance(value, (int, float)) and key not in ("step", "kind") and math.isfinite(value):
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and key not in ("step", "kind")
+            and math.isfinite(value)
+        ):
             row[f"{kind}/{key}"] = value
     for layer, stats in record.get("moe", {}).items():
         for key in ("experts", "avg_k", "load_imbalance", "unrouted", "dropped"):

@@ -202,3 +202,19 @@ class Transformer(nn.Module):
 
 def moe_auxes(info: ForwardInfo) -> list[MoEAux]:
     return [a for a in info.moe if isinstance(a, MoEAux)]
+
+
+def model_from_export(path) -> Transformer:
+    """The model an exported checkpoint (``dynmoe-export``) describes, with its weights, on one process."""
+    from omegaconf import OmegaConf
+
+    from ..checkpoint.export import load_exported, read_export
+    from .config import TrainConfig
+
+    _, meta = read_export(path)
+    if meta["config"] is None:
+        from ..checkpoint import CheckpointError
+
+        raise CheckpointError(f"{path} carries no config: build the model yourself and pass it to load_exported")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), meta["config"]))
+    return load_exported(path, Transformer(cfg.model, cfg.moe, groups=None, seed=cfg.seed))

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,8 +69,12 @@ class Trainer:
         device: torch.device,
         sink: Any = None,
         moe_factory=None,
+        checkpoint_root: Path | None = None,
+        resolved_config: dict | None = None,
     ) -> None:
         self.cfg, self.corpus, self.groups, self.device, self.sink = cfg, corpus, groups, device, sink
+        self.checkpoint_root, self.resolved_config = checkpoint_root, resolved_config
+        self.last_checkpoint = -1
         self.rank, self.world = groups.rank, groups.world_size
         self.precision = resolve_precision(cfg.engine.precision, device)
         self.model = Transformer(cfg.model, cfg.moe, groups, seed=cfg.seed, moe_factory=moe_factory)
@@ -189,7 +194,33 @@ class Trainer:
                 self.log_train(progress)
             if step % cfg.logging.val_every == 0 or step == cfg.steps:
                 self.validate(progress)
+            if self.checkpoint_root is not None and cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                self.checkpoint(progress)
+        if self.checkpoint_root is not None and cfg.checkpoint.every and self.last_checkpoint != self.state.step:
+            self.checkpoint(progress)  # the end of the run, so it can be extended with more steps
         progress.close()
+
+    def checkpoint(self, progress: Progress) -> Path:
+        """Save a checkpoint of this step (collective) and report it."""
+        from .checkpointing import save_checkpoint
+
+        t0 = time.perf_counter()
+        path = save_checkpoint(self, self.checkpoint_root, self.cfg.checkpoint.keep, self.resolved_config)
+        seconds = time.perf_counter() - t0
+        self.last_checkpoint = self.state.step
+        if self.is_main:
+            size = sum(f.stat().st_size for f in path.iterdir())
+            record = {
+                "kind": "checkpoint",
+                "step": self.state.step,
+                "path": str(path),
+                "seconds": seconds,
+                "bytes": size,
+            }
+            if self.sink is not None:
+                self.sink.metrics(record)
+            progress.line(f"step {self.state.step}: checkpoint {path} ({seconds:.1f} s, {size / 1e6:.1f} MB)")
+        return path
 
     def log_train(self, progress: Progress) -> None:
         """Reduce the window over the world (collective) and write one record on rank 0."""
