@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) -m dynmoe_dist.bench expert_parallel --json bench/expert_parallel.json
 	$(PY) -m dynmoe_dist.bench adapt --json bench/adapt.json
 	$(PY) -m dynmoe_dist.bench train --json bench/train.json
+	$(PY) -m dynmoe_dist.bench checkpoint --json bench/checkpoint.json
 
 # The demo run: 2 CPU ranks (one per GPU where there are GPUs) through launch/torchrun.sh, then the report.
 # RUN names the run folder (runs/$(RUN)); ARGS takes hydra overrides, e.g. make train ARGS="moe=top_k steps=100".

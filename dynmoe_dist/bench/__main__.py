@@ -10,6 +10,7 @@ BENCHMARKS = {
     "expert_parallel": "dynmoe_dist.bench.expert_parallel",
     "adapt": "dynmoe_dist.bench.adapt",
     "train": "dynmoe_dist.bench.train",
+    "checkpoint": "dynmoe_dist.bench.checkpoint",
 }
 
 

@@ -112,7 +112,10 @@ def save(
     rank = groups.rank
     layers = moe_layers(model)
     dense_tensors = dense.read() if dense is not None else {}  # collective under ZeRO: before any rank-0-only work
-    shards: dict[str, dict[str, torch.Tensor]] = {rank_file(rank): rank_tensors}
+    # each rank's own tensors under rank/<rank>/: the manifest lists every tensor of every shard by a unique key
+    shards: dict[str, dict[str, torch.Tensor]] = {
+        rank_file(rank): {f"rank/{rank}/{k}": v for k, v in rank_tensors.items()}
+    }
     if rank == 0:
         shared = dict(dense_tensors)
         for layer in layers:
@@ -193,13 +196,18 @@ def verify(folder: Path, manifest: Manifest, model: nn.Module | None = None) -> 
             problems.append(f"shard {name} does not match its SHA-256 (a corrupted byte)")
     if problems:
         return problems
-    by_file: dict[str, list[str]] = {}
+    by_file: dict[str, list[str]] = {name: [] for name in manifest.files}
     for key, entry in manifest.tensors.items():
         by_file.setdefault(entry["file"], []).append(key)
     for name, keys in sorted(by_file.items()):
         try:
             with safe_open(str(folder / name), "pt") as f:
                 present = set(f.keys())
+                unlisted = sorted(present - set(keys))
+                if unlisted:
+                    problems.append(
+                        f"shard {name} holds {len(unlisted)} tensors the manifest does not list ({unlisted[0]})"
+                    )
                 for key in keys:
                     if key not in present:
                         problems.append(f"{key} is not in {name}")
@@ -285,4 +293,7 @@ def load(
 def read_rank_tensors(folder: Path, manifest: Manifest, rank: int) -> dict[str, torch.Tensor] | None:
     """What saved rank ``rank`` wrote for itself (RNG, recording window), or None if that rank did not exist."""
     name = rank_file(rank)
-    return _read(folder, name) if name in manifest.files else None
+    if name not in manifest.files:
+        return None
+    prefix = f"rank/{rank}/"
+    return {k[len(prefix) :]: v for k, v in _read(folder, name).items()}
