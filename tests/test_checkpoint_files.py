@@ -165,3 +165,22 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path: Path) -> 
     load_checkpoint(resumed, root)
     loaded = dense_state(resumed).read()
     assert all(torch.equal(loaded[k], first[k]) for k in first)
+
+
+@pytest.mark.parametrize("gate", ["relu", "top_any"])
+def test_per_gate_state_comes_back(tmp_path: Path, gate: str) -> None:
+    """The ReLU gate's adaptive L1 coefficient and Top-Any's trainable temperature (with its optimizer state)."""
+    extra = ("moe.router.trainable_temperature=true",) if gate == "top_any" else ()
+    first = trainer(f"moe={gate}", *extra)
+    for _ in range(4):
+        first.train_step()
+    save_checkpoint(first, tmp_path, keep=1, config=None)
+    expected = [first.train_step().loss for _ in range(4)]
+    again = trainer(f"moe={gate}", *extra)
+    load_checkpoint(again, tmp_path)
+    layer, reference = again.model.moe_layers()[0], first.model.moe_layers()[0]
+    assert [again.train_step().loss for _ in range(4)] == expected
+    if gate == "relu":
+        assert float(layer.router.l1_coef) == float(reference.router.l1_coef) != 1e-8  # it moved, and came back
+    else:
+        assert torch.equal(layer.router.tau, reference.router.tau)
