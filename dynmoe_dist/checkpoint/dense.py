@@ -129,17 +129,3 @@ class ZeroPartitions(DenseState):
         for group in self.opt.param_groups:
             for flat in group["params"]:
                 self.opt.state[flat]["step"] = torch.tensor(max(steps, default=0.0))
-
-
-def dense_state_of(engine, named: list[tuple[str, nn.Parameter]]) -> DenseState:
-    """The adapter for whatever holds the dense parameters of a training engine (``train/engines``)."""
-    if engine.name == "torch":
-        return DenseState(named, engine.dense_opt)
-    wrapper = engine.engine.optimizer
-    if wrapper is engine.client:
-        return DenseState(named, engine.client)
-    if hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):
-        return UnfusedMasters(named, wrapper)
-    if hasattr(wrapper, "single_partition_of_fp32_groups"):
-        return ZeroPartitions(named, wrapper)
-    raise TypeError(f"no checkpoint adapter for DeepSpeed's {type(wrapper).__name__}")
