@@ -164,3 +164,28 @@ def case_cross_engine(root: str) -> dict:
 def test_checkpoint_moves_between_engines(tmp_path: Path) -> None:
     for r in dist_pool.pool(2).run(case_cross_engine, str(tmp_path)):
         assert r["same_keys"] and r["equal"]
+
+
+def case_save_with_replicas(root: str) -> None:
+    t = trainer(4, 2, "engine=torch")
+    steps(t, 3)
+    save_checkpoint(t, Path(root), keep=1, config=None)
+
+
+def test_each_expert_is_written_once_with_replicas(tmp_path: Path) -> None:
+    """(4, 2): every expert lives on two ranks; only the first replica's owner writes it, dense state only rank 0."""
+    from dynmoe_dist.checkpoint import Manifest, resolve
+
+    dist_pool.pool(4).run(case_save_with_replicas, str(tmp_path))
+    manifest = Manifest.read(resolve(tmp_path))
+    writers = {name: entry["rank"] for name, entry in manifest.files.items()}
+    assert writers == {
+        "shared.safetensors": 0,
+        "experts-00000.safetensors": 0,
+        "experts-00001.safetensors": 1,
+        **{f"rank-{r:05d}.safetensors": r for r in range(4)},
+    }
+    ((name, rec),) = manifest.layers.items()
+    for expert_id in rec.expert_ids:
+        keys = [k for k in manifest.tensors if k.startswith(f"moe/{name}/expert/{expert_id}/") and "@" not in k]
+        assert len(keys) == 2  # w_in and w_out, once each
