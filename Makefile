@@ -34,12 +34,23 @@ bench: $(STAMP)
 	$(PY) -m dynmoe_dist.bench train --json bench/train.json
 	$(PY) -m dynmoe_dist.bench checkpoint --json bench/checkpoint.json
 
-# The demo run: 2 CPU ranks (one per GPU where there are GPUs) through launch/torchrun.sh, then the report.
-# RUN names the run folder (runs/$(RUN)); ARGS takes hydra overrides, e.g. make train ARGS="moe=top_k steps=100".
+# The demo run: 2 CPU ranks, or one rank per GPU where there are GPUs, then the report.
+#   make train                                   # torchrun, the demo config
+#   make train NPROC=4 LAUNCHER=deepspeed moe=top_k steps=100    # any hydra override as a make argument
+# LAUNCHER: torchrun (default) | deepspeed | mpirun (MPICH or Open MPI); NPROC: ranks on this host (default: every GPU,
+# or 2 without GPUs); RUN: the run name (folder runs/$(RUN)). Other NAME=VALUE arguments are hydra overrides.
 RUN ?= demo
+NPROC ?=
+LAUNCHER ?= torchrun
 ARGS ?=
+OWN_VARS := NPROC=% LAUNCHER=% RUN=% ARGS=% PYTHON=% VENV=%
+OVERRIDES = $(filter-out $(OWN_VARS),$(MAKEOVERRIDES)) $(ARGS)
+LAUNCH_torchrun = NPROC_PER_NODE=$(NPROC) PYTHON=$(PY) launch/torchrun.sh
+LAUNCH_deepspeed = NPROC_PER_NODE=$(NPROC) DEEPSPEED=$(VENV)/bin/deepspeed launch/deepspeed.sh
+LAUNCH_mpirun = NP=$(or $(NPROC),2) MPIRUN=$(or $(shell command -v mpirun 2>/dev/null),$(VENV)/bin/mpiexec) PYTHON=$(PY) launch/mpirun.sh
 train: $(STAMP)
-	OMP_NUM_THREADS=1 PYTHON=$(PY) launch/torchrun.sh name=$(RUN) $(ARGS)
+	@test -n "$(LAUNCH_$(LAUNCHER))" || { echo "make train: LAUNCHER=$(LAUNCHER): expected torchrun, deepspeed or mpirun" >&2; exit 2; }
+	OMP_NUM_THREADS=1 PATH="$(abspath $(VENV))/bin:$$PATH" $(LAUNCH_$(LAUNCHER)) name=$(RUN) $(OVERRIDES)
 	$(PY) -m dynmoe_dist.train.report runs/$(RUN)
 
 clean:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from dynmoe_dist.errors import ConfigError, DynMoEError
-from dynmoe_dist.parallel import bootstrap
 from dynmoe_dist.parallel.bootstrap import (
     DEFAULT_PORT,
     DistEnv,
@@ -30,9 +29,10 @@ from dynmoe_dist.parallel.bootstrap import (
     shutdown,
     slurm_port,
 )
+from dynmoe_dist.parallel.launchers import mpi as launchers_mpi
 
 REPO = Path(__file__).resolve().parent.parent
-_REAL_MPI4PY_QUERY = bootstrap._mpi4py_query
+_REAL_MPI4PY_QUERY = launchers_mpi._mpi4py_query
 LAUNCH_TIMEOUT_S = 45.0  # each real launch; the collective timeout inside is shorter, so a hang reports itself first
 
 
@@ -43,7 +43,7 @@ def _no_mpi4py() -> None:
 @pytest.fixture(autouse=True)
 def _forbid_mpi4py(monkeypatch):
     """The dict-driven tests must never reach the real MPI library; tests that want the fallback patch it again."""
-    monkeypatch.setattr(bootstrap, "_mpi4py_query", _no_mpi4py)
+    monkeypatch.setattr(launchers_mpi, "_mpi4py_query", _no_mpi4py)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_mpi_fallback_to_mpi4py(monkeypatch):
         calls.append(1)
         return (1, 4, 1, 3, "rank0-host")
 
-    monkeypatch.setattr(bootstrap, "_mpi4py_query", fake_query)
+    monkeypatch.setattr(launchers_mpi, "_mpi4py_query", fake_query)
     # Variables complete but no MASTER_ADDR: rank 0's host name comes from MPI.
     env = detect_env(_with(OPENMPI, drop=("MASTER_ADDR", "MASTER_PORT")))
     assert (env.rank, env.world_size, env.master_addr, env.master_port) == (6, 8, "rank0-host", DEFAULT_PORT)
@@ -274,7 +274,7 @@ BAD = {
         "8,4",
     ),
     "slurm node id past list": (_with(SLURM, SLURM_NODEID="2"), "SLURM_NODEID", "[0, 2)"),
-    "slurm bad node list": (_with(SLURM, SLURM_JOB_NODELIST="gpu[3-1]"), "SLURM_JOB_NODELIST", "ascending"),
+    "slurm bad node list": (_with(SLURM, SLURM_JOB_NODELIST="gpu[3-1]"), "SLURM_JOB_NODELIST", "start > stop"),
     "slurm no node list": (
         _with(SLURM, drop=("SLURM_JOB_NODELIST", "SLURM_NODELIST")),
         "SLURM_JOB_NODELIST",
@@ -307,7 +307,7 @@ def test_inconsistent_environment_names_the_variable(environ, variable, detail):
 
 
 def test_mpi_without_mpi4py_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(bootstrap, "_mpi4py_query", _REAL_MPI4PY_QUERY.__wrapped__)  # uncached
+    monkeypatch.setattr(launchers_mpi, "_mpi4py_query", _REAL_MPI4PY_QUERY.__wrapped__)  # uncached
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails as if not installed
     with pytest.raises(DynMoEError, match="mpi4py"):
         detect_env({"PMIX_RANK": "0"})

@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> None:
     except MissingMandatoryValue as exc:
         fail(f"{exc.full_key} has no value (??? in its preset); set it, e.g. {exc.full_key}=<value>", env.rank)
     try:
-        check_config(tc, env.world_size)
+        check_config(tc, env.world_size, env.launcher)
         corpus = load_corpus(tc.data)
         device = pick_device(tc.parallel.device, env.local_rank)
     except DynMoEError as exc:

@@ -103,6 +103,7 @@ class AdaptSettings:
 
 @dataclass
 class ParallelConfig:
+    world_size: Optional[int] = None  # the ranks this run expects; a launch with another count stops at once
     ep_size: Optional[int] = None  # expert-parallel size; None: the world size
     timeout_s: float = 600.0  # bound on every collective: a dead rank becomes an error, not a hang
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
@@ -262,8 +263,30 @@ def ep_size_for(cfg: Any, world_size: int) -> int:
     return world_size if cfg.parallel.ep_size is None else cfg.parallel.ep_size
 
 
-def check_config(cfg: Any, world_size: int) -> None:
+# where each launcher says how many ranks it started, for messages about a world size that does not fit
+WORLD_VARIABLES = {
+    "torchrun": "WORLD_SIZE",
+    "deepspeed": "WORLD_SIZE",
+    "slurm": "SLURM_NTASKS",
+    "openmpi": "OMPI_COMM_WORLD_SIZE",
+    "mpich": "PMI_SIZE",
+    "mpi4py": "the MPI world size",
+    "single": "a single process (no launcher)",
+}
+
+
+def check_config(cfg: Any, world_size: int, launcher: str = "single") -> None:
     """Raise ``ConfigError`` naming the setting when the configuration cannot work on ``world_size`` ranks."""
+    expected = cfg.parallel.world_size
+    if expected is not None and expected != world_size:
+        started = WORLD_VARIABLES.get(launcher, "the launcher")
+        raise ConfigError(
+            "parallel.world_size",
+            expected,
+            f"the number of ranks the launcher started: {world_size} ({started}={world_size}, {launcher}); start "
+            f"{expected} ranks (Slurm: --nodes x --ntasks-per-node; torchrun: --nnodes x --nproc_per_node) or set "
+            f"parallel.world_size={world_size}",
+        )
     for key, allowed in CHOICES.items():
         check(_get(cfg, key) in allowed, key, _get(cfg, key), " | ".join(allowed))
     m, moe, a, d = cfg.model, cfg.moe, cfg.adapt, cfg.data
