@@ -18,15 +18,13 @@ from pathlib import Path
 import pytest
 
 from dynmoe_dist.errors import ConfigError, DynMoEError
-from dynmoe_dist.parallel.bootstrap import (
+from dynmoe_dist.parallel.bootstrap import free_port, init_distributed, shutdown
+from dynmoe_dist.parallel.launchers import (
     DEFAULT_PORT,
     DistEnv,
     detect_env,
     expand_hostlist,
     expand_tasks_per_node,
-    free_port,
-    init_distributed,
-    shutdown,
     slurm_port,
 )
 from dynmoe_dist.parallel.launchers import mpi as launchers_mpi
@@ -367,7 +365,8 @@ WORKER = """
 import os
 import torch
 import torch.distributed as dist
-from dynmoe_dist.parallel.bootstrap import detect_env, init_distributed, shutdown
+from dynmoe_dist.parallel.bootstrap import init_distributed, shutdown
+from dynmoe_dist.parallel.launchers import detect_env
 
 before = detect_env()
 env = init_distributed(timeout_s=20.0, backend="gloo")

@@ -13,19 +13,9 @@ from dataclasses import replace
 
 from dynmoe_dist.errors import ConfigError, DynMoEError
 
-from .launchers import DEFAULT_PORT, LAUNCHERS, DistEnv, detect_env, expand_hostlist, expand_tasks_per_node, slurm_port
+from .launchers import DistEnv, detect_env
 
-__all__ = [
-    "DEFAULT_PORT",
-    "LAUNCHERS",
-    "DistEnv",
-    "detect_env",
-    "expand_hostlist",
-    "expand_tasks_per_node",
-    "init_distributed",
-    "shutdown",
-    "slurm_port",
-]
+__all__ = ["free_port", "init_distributed", "init_local_rank", "shutdown"]
 
 BACKENDS = ("nccl", "gloo")
 

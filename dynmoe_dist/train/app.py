@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from ..errors import DynMoEError
-from ..parallel.bootstrap import detect_env
+from ..parallel.launchers import detect_env
 from .config import CONFIG_DIR
 
 log = logging.getLogger("dynmoe_dist.train")
