@@ -48,7 +48,9 @@ class MoELayer(nn.Module):
         num_experts: int,
         router: str | dict | RouterConfig = "top_any",
         activation: str = "gelu",
+        expert_bias: bool = False,
         capacity_factor: float | None = None,
+        min_capacity: int = 0,
         check_finite: bool = False,
         groups: ParallelGroups | None = None,
         placement: PlacementTable | None = None,
@@ -60,6 +62,7 @@ class MoELayer(nn.Module):
         check_capacity_factor(capacity_factor)
         self.d_model = d_model
         self.capacity_factor = capacity_factor
+        self.min_capacity = min_capacity  # with a capacity factor: no expert keeps fewer (DeepSpeed's min_capacity)
         self.check_finite = check_finite
         self.name = name
         if seed is None:
@@ -81,7 +84,7 @@ class MoELayer(nn.Module):
         else:
             local_ids = self.router.expert_ids.tolist()
             self.dispatcher = LocalDispatcher(PlacementTable.contiguous(local_ids, 1))
-        self.experts = ExpertBank(d_model, d_ff, local_ids, activation, seed)
+        self.experts = ExpertBank(d_model, d_ff, local_ids, activation, seed, bias=expert_bias)
         self.seed = seed
         # ids are never reused: the next new expert takes this one
         self.register_buffer("next_expert_id", torch.tensor(num_experts, dtype=torch.int64))
@@ -106,7 +109,7 @@ class MoELayer(nn.Module):
         if self.check_finite:
             self.assert_finite(flat, "input")
         plan = self.route(flat, importance)
-        plan, dropped = apply_capacity(plan, self.capacity_factor)
+        plan, dropped = apply_capacity(plan, self.capacity_factor, self.min_capacity)
         plan.stats.dropped = dropped
         if self.recorder is not None and self.training:
             self.recorder.observe(plan.stats)

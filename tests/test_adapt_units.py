@@ -21,8 +21,8 @@ IDLE = 50.0  # a threshold whose sigmoid rounds to 1: no similarity (at most sig
 MIXED = [0.1, 0.4, 0.2, 0.6]  # thresholds that leave some tokens unrouted and spread the rest
 
 
-def make_layer(seed: int, thresholds=None, num_experts: int = E) -> MoELayer:
-    layer = MoELayer(D, FF, num_experts, router="top_any", seed=seed).double().train()
+def make_layer(seed: int, thresholds=None, num_experts: int = E, expert_bias: bool = False) -> MoELayer:
+    layer = MoELayer(D, FF, num_experts, router="top_any", seed=seed, expert_bias=expert_bias).double().train()
     if thresholds is not None:
         with torch.no_grad():
             layer.router.threshold.copy_(torch.tensor(thresholds, dtype=torch.float64))
@@ -391,9 +391,9 @@ def rows_by_id(layer: MoELayer, opt: MoEAdam) -> dict[tuple[str, int], tuple[tor
     return out
 
 
-def run_to_first_event(init: str, dense_init=None):
+def run_to_first_event(init: str, dense_init=None, expert_bias: bool = False):
     """Experts 1 and 3 never fire, 0 and 2 leave tokens unrouted; the window of 3 steps closes at step 3."""
-    layer = make_layer(5, [0.3, IDLE, 0.1, IDLE])
+    layer = make_layer(5, [0.3, IDLE, 0.1, IDLE], expert_bias=expert_bias)
     opt, ctrl = controller(layer, 1e-3, dense_init, record_steps=3, idle_steps=2, policy=PolicyConfig(init=init))
     loss = None
     for step in range(3):
@@ -531,3 +531,17 @@ def test_no_event_without_a_decision_at_ep_size_1():
     for n, p in layer.named_parameters():
         assert torch.equal(p.detach(), weights[n]), n
     assert not layer.recorder.tokens.any() and not layer.recorder.active
+
+
+def test_expert_biases_are_rows_that_events_keep_copy_and_reset():
+    """Biased experts (the drop-in layers'): survivors keep bias and state bit-exact, a copy takes its source's bias."""
+    layer, opt, ctrl, before, events, _ = run_to_first_event("copy", expert_bias=True)
+    assert events and layer.experts.expert_ids.tolist() == [0, 2, 4]
+    after = rows_by_id(layer, opt)
+    for name in ("experts.b_in", "experts.b_out"):
+        for i in (0, 2):
+            assert torch.equal(after[(name, i)][0], before["rows"][(name, i)][0]), (name, i)
+            assert torch.equal(after[(name, i)][1]["exp_avg"], before["rows"][(name, i)][1]["exp_avg"]), (name, i)
+        assert before["rows"][(name, 2)][0].abs().sum() > 0  # trained away from zero, so a wrong copy shows
+        assert torch.equal(after[(name, 4)][0], before["rows"][(name, 2)][0])  # copied from the busiest survivor
+        assert not after[(name, 4)][1]["exp_avg"].any()

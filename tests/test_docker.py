@@ -90,3 +90,12 @@ def test_named_launch_scripts_exist_and_the_app_is_copied(dockerfile: Dockerfile
     copied = " ".join(instructions(dockerfile, "COPY"))
     for needed in ("pyproject.toml", "constraints.txt", "dynmoe_dist", "launch", "configs"):
         assert needed in copied
+
+
+def test_tutel_commit_is_the_one_the_package_extra_and_the_tests_use(dockerfile: DockerfileParser) -> None:
+    """Tutel is not on the package index: the image, the ``tutel`` extra and the wheel the suite tests against must
+    name the same commit."""
+    extra = re.search(r'"tutel @ git\+\S+@([0-9a-f]+)"', (REPO / "pyproject.toml").read_text())
+    assert extra, "pyproject.toml has no tutel extra pinned to a commit"
+    assert dockerfile.args["TUTEL_COMMIT"] == extra.group(1)
+    assert constraints().get("tutel"), "constraints.txt does not pin tutel"

@@ -138,8 +138,8 @@ def test_unknown_importance_function():
 
 
 def test_unknown_activation():
-    with raises_config(["activation", "'relu'", "gelu", "swiglu"]):
-        MoELayer(D, FF, E, activation="relu")
+    with raises_config(["activation", "'tanh'", "gelu", "relu", "swiglu"]):
+        MoELayer(D, FF, E, activation="tanh")
 
 
 @pytest.mark.parametrize(

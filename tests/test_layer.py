@@ -227,3 +227,32 @@ def test_float32_layer_close_to_float64_reference(ref):
     y_ref, *_ = naive_layer(layer64, x, None, ref, None)
     assert y32.dtype == torch.float32
     torch.testing.assert_close(y32.double(), y_ref.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"])
+def test_biased_experts_with_every_activation_match_a_per_token_reference(activation, rng):
+    """Experts with biases (the drop-in layers' Linear experts): out_t = sum_e w_te * FFN_e(x_t), written plainly."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(5)
+    layer = MoELayer(D, FF, E, {"kind": "top_k", "k": 2}, activation=activation, expert_bias=True).double()
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # biases start at zero; make them count
+    x = rng(4, 20, D)
+    y, _ = layer(x)
+    acts = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swiglu": F.silu, "geglu": F.gelu}
+    acts["gelu_tanh"] = lambda h: F.gelu(h, approximate="tanh")
+    b = layer.experts
+    probs = torch.softmax(x @ layer.router.weight.t(), -1)
+    want = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        top = probs[t].topk(2)
+        for w, e in zip(top.values / top.values.sum(), top.indices.tolist()):
+            h = x[t] @ b.w_in[e] + b.b_in[e]
+            if activation in ("swiglu", "geglu"):
+                h = acts[activation](x[t] @ b.w_gate[e] + b.b_gate[e]) * h
+            else:
+                h = acts[activation](h)
+            want[t] += w * (h @ b.w_out[e] + b.b_out[e])
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)

@@ -244,7 +244,7 @@ def compatibility(manifest: Manifest, model: nn.Module) -> list[str]:
     for name in sorted(set(layers) & set(manifest.layers)):
         rec, layer = manifest.layers[name], layers[name]
         mine = moe.record(layer)
-        for field in ("d_model", "d_ff", "activation", "gate"):
+        for field in ("d_model", "d_ff", "activation", "gate", "expert_bias"):
             if getattr(rec, field) != getattr(mine, field):
                 problems.append(f"{name}.{field}: checkpoint {getattr(rec, field)!r}, model {getattr(mine, field)!r}")
     return problems

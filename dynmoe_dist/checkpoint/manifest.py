@@ -36,6 +36,7 @@ class LayerRecord:
     d_ff: int
     activation: str
     gate: str
+    expert_bias: bool = False  # experts with biases (layers imported from DeepSpeed-MoE or Tutel)
 
 
 @dataclass

@@ -36,6 +36,7 @@ def record(layer: MoELayer) -> LayerRecord:
         d_ff=layer.experts.d_ff,
         activation=layer.experts.activation,
         gate=layer.router.cfg.kind,
+        expert_bias=layer.experts.bias,
     )
 
 

@@ -25,8 +25,8 @@ def check_capacity_factor(capacity_factor: float | None) -> None:
         )
 
 
-def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
-    return math.ceil(capacity_factor * num_assignments / max(num_experts, 1))
+def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float, min_capacity: int = 0) -> int:
+    return max(math.ceil(capacity_factor * num_assignments / max(num_experts, 1)), min_capacity)
 
 
 def capacity_keep_mask(plan: RoutingPlan, capacity: int) -> torch.Tensor:
@@ -45,11 +45,11 @@ def capacity_keep_mask(plan: RoutingPlan, capacity: int) -> torch.Tensor:
     return keep
 
 
-def apply_capacity(plan: RoutingPlan, capacity_factor: float | None) -> tuple[RoutingPlan, int]:
+def apply_capacity(plan: RoutingPlan, capacity_factor: float | None, min_capacity: int = 0) -> tuple[RoutingPlan, int]:
     """The plan after capacity drops, and how many assignments were dropped."""
     if capacity_factor is None or plan.num_assignments == 0:
         return plan, 0
-    capacity = expert_capacity(plan.num_assignments, plan.num_experts, capacity_factor)
+    capacity = expert_capacity(plan.num_assignments, plan.num_experts, capacity_factor, min_capacity)
     keep = capacity_keep_mask(plan, capacity)
     dropped = int((~keep).sum())
     return (plan.select(keep) if dropped else plan), dropped

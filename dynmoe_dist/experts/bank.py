@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import check
-from .grouped import ACTIVATIONS, grouped_ffn
+from .grouped import ACTIVATIONS, grouped_ffn, is_gated
 
 
 def expert_generator(seed: int, expert_id: int) -> torch.Generator:
@@ -27,17 +27,24 @@ class ExpertBank(nn.Module):
         expert_ids: torch.Tensor | list[int],
         activation: str = "gelu",
         seed: int = 0,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         check(activation in ACTIVATIONS, "expert activation", activation, " or ".join(ACTIVATIONS))
         check(isinstance(d_ff, int) and d_ff >= 1, "d_ff", d_ff, "an integer >= 1")
         ids = torch.as_tensor(expert_ids, dtype=torch.int64).reshape(-1)
-        self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
+        self.d_model, self.d_ff, self.activation, self.bias = d_model, d_ff, activation, bias
         self.register_buffer("expert_ids", ids.clone())
         n = ids.numel()
+        gated = is_gated(activation)
         self.w_in = nn.Parameter(torch.empty(n, d_model, d_ff))
-        self.w_gate = nn.Parameter(torch.empty(n, d_model, d_ff)) if activation == "swiglu" else None
+        self.w_gate = nn.Parameter(torch.empty(n, d_model, d_ff)) if gated else None
         self.w_out = nn.Parameter(torch.empty(n, d_ff, d_model))
+        # biases (off by default, as in most LLM FFNs) exist for layers imported from DeepSpeed-MoE and Tutel, whose
+        # experts are Linear layers with bias; they are expert rows like the weights, so adaptation moves them too
+        self.b_in = nn.Parameter(torch.empty(n, d_ff)) if bias else None
+        self.b_gate = nn.Parameter(torch.empty(n, d_ff)) if bias and gated else None
+        self.b_out = nn.Parameter(torch.empty(n, d_model)) if bias else None
         self.reset_parameters(seed)
 
     @property
@@ -47,8 +54,9 @@ class ExpertBank(nn.Module):
     def weights(self) -> dict[str, nn.Parameter]:
         """Every stacked weight, by name; leading dimension = local expert slot."""
         named = {"w_in": self.w_in, "w_out": self.w_out}
-        if self.w_gate is not None:
-            named["w_gate"] = self.w_gate
+        for name in ("w_gate", "b_in", "b_gate", "b_out"):
+            if getattr(self, name) is not None:
+                named[name] = getattr(self, name)
         return named
 
     @torch.no_grad()
@@ -63,9 +71,13 @@ class ExpertBank(nn.Module):
         g = expert_generator(self.seed, expert_id)
         rows = {}
         for name, w in sorted(self.weights().items()):
-            rows[name] = (torch.randn(w.shape[1:], generator=g) * w.shape[1] ** -0.5).to(w.dtype)
+            if name.startswith("b_"):
+                rows[name] = torch.zeros(w.shape[1:], dtype=w.dtype)
+            else:
+                rows[name] = (torch.randn(w.shape[1:], generator=g) * w.shape[1] ** -0.5).to(w.dtype)
         return rows
 
     def forward(self, rows: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
         """``segments`` = [(local slot, rows), ...] in row order."""
-        return grouped_ffn(rows, segments, self.w_in, self.w_out, self.w_gate)
+        biases = {k: v for k, v in self.weights().items() if k.startswith("b_")}
+        return grouped_ffn(rows, segments, self.w_in, self.w_out, self.w_gate, self.activation, biases)

@@ -38,10 +38,26 @@ class TopKConfig:
     k: int = 2
     renormalize: bool = True
     balance_weight: float = 0.01
+    # f_e in the balance loss counts every assignment ("all") or only first choices ("first": GShard, DeepSpeed top-1/2
+    # and Tutel's gshard_loss)
+    balance_counts: str = "all"
+    # Training-time noise, off by default; each is one peer's convention, kept so imported models train as before.
+    input_jitter: float = 0.0  # DeepSpeed 'Jitter': the gate input times uniform(1 - eps, 1 + eps)
+    selection_noise: str = "none"  # 'gumbel': DeepSpeed 'RSample'; 'gumbel_second': its top2_2nd_expert_sampling
+    logit_noise: float = 0.0  # Tutel gate_noise: logits + noise * N(0, 1) / E, before the softmax
 
     def __post_init__(self) -> None:
         check(isinstance(self.k, int) and self.k >= 1, "k", self.k, "an integer >= 1")
         check(self.balance_weight >= 0, "balance_weight", self.balance_weight, "a weight >= 0")
+        check(self.balance_counts in ("all", "first"), "balance_counts", self.balance_counts, "'all' or 'first'")
+        check(0 <= self.input_jitter < 1, "input_jitter", self.input_jitter, "a fraction in [0, 1)")
+        check(
+            self.selection_noise in ("none", "gumbel", "gumbel_second"),
+            "selection_noise",
+            self.selection_noise,
+            "'none', 'gumbel' (every choice) or 'gumbel_second' (the second choice of top-2)",
+        )
+        check(self.logit_noise >= 0, "logit_noise", self.logit_noise, "a noise scale >= 0")
 
 
 @dataclass

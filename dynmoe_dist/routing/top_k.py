@@ -1,4 +1,10 @@
-"""Top-k softmax gate (GShard, arXiv 2006.16668; Switch, arXiv 2101.03961): the baseline every comparison uses."""
+"""Top-k softmax gate (GShard, arXiv 2006.16668; Switch, arXiv 2101.03961): the baseline every comparison uses.
+
+The optional noises reproduce the conventions of DeepSpeed-MoE (multiplicative input jitter; Gumbel noise on the
+selection, for every choice or the second only, with the weights from the clean softmax) and of Tutel (normal noise
+on the logits before the softmax), so layers imported from them (dynmoe_dist.compat) train as they did. All are
+training-only.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +22,24 @@ def init_router_weight(num_experts: int, d_model: int) -> nn.Parameter:
 
 
 def top_k_assignments(
-    probs: torch.Tensor, k: int, renormalize: bool
+    probs: torch.Tensor, k: int, renormalize: bool, scores: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token-major (token, column, weight) of the k largest entries of each row of ``probs``."""
-    values, columns = probs.topk(k, dim=-1)
+    """Token-major (token, column, weight) of the k largest entries of each row of ``scores`` (default ``probs``),
+    weighted by ``probs``."""
+    if scores is None:
+        values, columns = probs.topk(k, dim=-1)
+    else:
+        columns = scores.topk(k, dim=-1).indices
+        values = probs.gather(-1, columns)
     if renormalize:
-        values = values / values.sum(-1, keepdim=True)
+        values = values / values.sum(-1, keepdim=True).clamp(min=torch.finfo(values.dtype).eps)
     token = torch.arange(probs.shape[0], device=probs.device).repeat_interleave(k)
     return token, columns.reshape(-1), values.reshape(-1)
+
+
+def gumbel_like(t: torch.Tensor) -> torch.Tensor:
+    u = torch.rand_like(t).clamp(min=1e-20, max=1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
 
 
 class TopKRouter(Router):
@@ -41,9 +57,25 @@ class TopKRouter(Router):
         return {"weight": self.weight}
 
     def route(self, x: torch.Tensor, importance: torch.Tensor | None) -> Assignments:
-        probs = torch.softmax(x @ self.weight.t(), dim=-1)
-        token, expert, weight = top_k_assignments(probs, self.cfg.k, self.cfg.renormalize)
+        c = self.cfg
+        noisy = self.training
+        if noisy and c.input_jitter:
+            x = x * torch.empty_like(x).uniform_(1.0 - c.input_jitter, 1.0 + c.input_jitter)
+        logits = x @ self.weight.t()
+        if noisy and c.logit_noise:
+            logits = logits + c.logit_noise * torch.randn_like(logits) / self.num_experts
+        probs = torch.softmax(logits, dim=-1)
+        scores = None
+        if noisy and c.selection_noise == "gumbel":
+            scores = logits + gumbel_like(logits)
+        elif noisy and c.selection_noise == "gumbel_second" and c.k > 1:
+            # first choice by the clean logits, the rest by the noisy ones (first excluded)
+            first = logits.argmax(-1, keepdim=True)
+            scores = (logits + gumbel_like(logits)).scatter(-1, first, float("-inf"))
+            scores = scores.scatter(-1, first, float("inf"))
+        token, expert, weight = top_k_assignments(probs, c.k, c.renormalize, scores)
         losses = {}
-        if self.cfg.balance_weight:
-            losses["balance"] = self.cfg.balance_weight * balance_loss(probs, expert, self.num_experts)
+        if c.balance_weight:
+            counted = expert.view(-1, c.k)[:, 0] if c.balance_counts == "first" else expert
+            losses["balance"] = c.balance_weight * balance_loss(probs, counted, self.num_experts)
         return Assignments(token, expert, weight, losses)
