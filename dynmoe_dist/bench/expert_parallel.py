@@ -1,10 +1,14 @@
-"""Expert-parallel layer against deepspeed.moe.layer.MoE: same ranks, same router and expert weights, one job.
+"""Expert-parallel layer against deepspeed.moe.layer.MoE and tutel.moe.moe_layer: same ranks, same weights, one job.
 
-Two scenarios at 2 ranks (4096 tokens per rank, d=256, d_ff=1024, 8 experts, top-2, DeepSpeed dropless):
-(a) balanced routing; (b) skewed routing, where most tokens pick the same two experts. Reported: forward+backward
-time of each and their ratio (interleaved in the same processes), rows moved per assignment (padding ratio: ours is
-exactly 1.0), rows computed per assignment, and all-to-all bytes per forward+backward. Both layers' outputs are
-compared first, so the timing compares the same computation.
+Scenarios at 2 ranks (4096 tokens per rank, d=256, d_ff=1024, 8 experts, top-2, DeepSpeed dropless):
+(a) balanced routing; (b) skewed routing, where most tokens pick the same two experts; (c) skewed with our layer on
+the placement the planner picks. Reported: forward+backward time of each and their ratio (interleaved in the same
+processes), rows moved per assignment (padding ratio: ours is exactly 1.0), rows computed per assignment, and
+all-to-all bytes per forward+backward. Outputs are compared first, so the timing compares the same computation.
+
+Tutel runs in two settings: capacity_factor=0 (its dropless mode; must equal ours) and capacity_factor=1.0 (drops
+routes past k * ceil(S / E) per expert; reported as the fraction of assignments dropped). Without an importable
+Tutel the Tutel columns are left out and meta says why.
 """
 
 from __future__ import annotations
@@ -22,6 +26,21 @@ from .deepspeed_peer import build_deepspeed_moe, deepspeed_traffic, init_deepspe
 from .ranks import add_shape_args, run_ranks, shape_meta
 from .report import emit
 from .timing import interleaved_medians
+from .tutel_peer import build_tutel_moe, tutel_available, tutel_traffic
+
+# Dropless Tutel computes the same function as ours; a larger gap means the timing compares different things.
+TUTEL_DROPLESS_TOLERANCE = 1e-3
+TUTEL_COLUMNS = [
+    "tutel_ms",
+    "ours_tutel_ratio",
+    "tutel_cf1_ms",
+    "ours_tutel_cf1_ratio",
+    "tutel_rows_sent_per_assignment",
+    "tutel_rows_computed",
+    "tutel_a2a_MB",
+    "tutel_cf1_dropped",
+    "tutel_max_abs_diff",
+]
 
 
 def make_tokens(n: int, d: int, rank: int, skew: float, router_weight: torch.Tensor) -> torch.Tensor:
@@ -64,6 +83,31 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
     y_ours, aux = ours(x)
     y_peer, traffic = deepspeed_traffic(peer, x)
     max_diff = float((y_ours - y_peer).abs().max())
+    fns = {}
+    if a.tutel:
+        w_in, w_out = full.w_in.detach(), full.w_out.detach()
+        tutels = {
+            cf: build_tutel_moe(
+                a.d_model, a.d_ff, a.experts, 2, router_weight, w_in, w_out, groups.ep_group, capacity_factor=cf
+            )
+            for cf in (0.0, 1.0)
+        }
+        y_tutel, tutel = tutel_traffic(tutels[0.0], x)
+        _, tutel_cf1 = tutel_traffic(tutels[1.0], x)
+        tutel_diff = (y_ours - y_tutel).detach().abs().max().to(torch.float64)
+        dist.all_reduce(tutel_diff, op=dist.ReduceOp.MAX)
+        if not float(tutel_diff) <= TUTEL_DROPLESS_TOLERANCE:
+            raise RuntimeError(f"{name}: dropless Tutel differs from ours by {float(tutel_diff):.3g}")
+        dropped = torch.tensor([tutel_cf1.dropped, tutel_cf1.assignments_sent], dtype=torch.float64)
+        dist.all_reduce(dropped)  # world-wide fraction of assignments dropped
+
+        def run_tutel(layer=tutels[0.0]) -> None:
+            layer(x).backward(grad)
+
+        def run_tutel_cf1(layer=tutels[1.0]) -> None:
+            layer(x).backward(grad)
+
+        fns = {"tutel": run_tutel, "tutel_cf1": run_tutel_cf1}
 
     def run_ours() -> None:
         y, _ = ours(x)
@@ -73,15 +117,20 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
         y, _, _ = peer(x)
         y.backward(grad)
 
-    times = interleaved_medians({"ours": run_ours, "deepspeed": run_peer}, a.repeats)
-    slowest = torch.tensor([times["ours"], times["deepspeed"]], dtype=torch.float64)
+    names = ["ours", "deepspeed", *fns]
+    times = interleaved_medians({"ours": run_ours, "deepspeed": run_peer, **fns}, a.repeats)
+    slowest = torch.tensor([times[n] for n in names], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
-    busiest = torch.tensor([aux.traffic.rows_computed, traffic.rows_computed])
+    ms = dict(zip(names, (float(v) * 1e3 for v in slowest)))
+    rows_computed = [aux.traffic.rows_computed, traffic.rows_computed]
+    if fns:
+        rows_computed.append(tutel.rows_computed)
+    busiest = torch.tensor(rows_computed)
     dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
     t = aux.traffic
     load = aux.stats.tokens_per_expert.clone()
     dist.all_reduce(load)
-    return {
+    row = {
         "scenario": name,
         "ours_ms": float(slowest[0]) * 1e3,
         "deepspeed_ms": float(slowest[1]) * 1e3,
@@ -96,6 +145,25 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
         "ds_capacity": traffic.capacity,
         "max_abs_diff": max_diff,
     }
+    if fns:
+        row.update(
+            {
+                "tutel_ms": ms["tutel"],
+                "ours_tutel_ratio": ms["ours"] / ms["tutel"],
+                "tutel_cf1_ms": ms["tutel_cf1"],
+                "ours_tutel_cf1_ratio": ms["ours"] / ms["tutel_cf1"],
+                "tutel_rows_sent_per_assignment": tutel.send_padding,
+                "tutel_rows_computed": int(busiest[2]),  # on the busiest rank
+                "tutel_a2a_MB": tutel.forward_backward_bytes / 1e6,
+                "tutel_cf1_dropped": float(dropped[0] / dropped[1]),
+                "tutel_max_abs_diff": float(tutel_diff),
+                "tutel_capacity": tutel.capacity,
+                "tutel_cf1_capacity": tutel_cf1.capacity,
+                "tutel_cf1_rows_computed": tutel_cf1.rows_computed,
+                "tutel_cf1_a2a_MB": tutel_cf1.forward_backward_bytes / 1e6,
+            }
+        )
+    return row
 
 
 def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
@@ -110,12 +178,21 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench expert_parallel", description=__doc__)
     add_shape_args(p, repeats=20)
+    p.add_argument("--no-tutel", dest="tutel", action="store_false", help="leave the Tutel peer out")
     a = p.parse_args(argv)
+    tutel_ok, tutel_why = tutel_available() if a.tutel else (False, "left out (--no-tutel)")
+    a.tutel = tutel_ok
     rows = run_ranks(body, a)
     meta = {
         **shape_meta(a),
-        "router": "top-2 softmax; DeepSpeed drop_tokens=False",
+        "router": "top-2 softmax; DeepSpeed drop_tokens=False; Tutel capacity_factor=0 (dropless) and 1.0",
         "targets": "time_ratio <= 0.85 balanced, <= 0.5 skewed; ours rows sent per assignment == 1.0",
+        "tutel_targets": "ours/Tutel dropless <= 0.85 balanced, <= 0.5 skewed",
+        "tutel": (
+            "tutel.moe.moe_layer, gate top k=2 fp32, bias-free GELU FFN experts; ratios are ours / Tutel"
+            if tutel_ok
+            else f"Tutel columns absent: {tutel_why}"
+        ),
     }
     cols = [
         "scenario",
@@ -130,5 +207,6 @@ def main(argv: list[str] | None = None) -> None:
         "ours_a2a_MB",
         "ds_a2a_MB",
         "max_abs_diff",
+        *(TUTEL_COLUMNS if tutel_ok else []),
     ]
     emit("expert_parallel", rows, cols, meta, a.json)
