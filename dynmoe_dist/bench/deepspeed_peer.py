@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..train.model import MLP
+from .padded_traffic import PaddedTraffic, check_peer_weights
 
 __all__ = [
     "DeepSpeedTraffic",
@@ -171,13 +172,7 @@ def build_deepspeed_moe(
     and ``w_out [E, d_ff, d]`` hold all experts and this rank keeps its slice :func:`local_expert_range`. Call as
     ``out, l_aux, exp_counts = moe(x)`` with ``x [..., d]``; parameters are fp32.
     """
-    if router_weight.shape != (num_experts, d_model):
-        raise ValueError(f"router_weight must be [{num_experts}, {d_model}], got {tuple(router_weight.shape)}")
-    if w_in.shape != (num_experts, d_model, d_ff) or w_out.shape != (num_experts, d_ff, d_model):
-        raise ValueError(
-            f"w_in must be [{num_experts}, {d_model}, {d_ff}] and w_out [{num_experts}, {d_ff}, {d_model}], "
-            f"got {tuple(w_in.shape)} and {tuple(w_out.shape)}"
-        )
+    check_peer_weights(d_model, d_ff, num_experts, router_weight, w_in, w_out)
     moe = make_deepspeed_moe(d_model, d_ff, num_experts, ep_size, k, drop_tokens, capacity_factor)
     local = local_expert_range(num_experts, ep_size)
     with torch.no_grad():
@@ -188,67 +183,10 @@ def build_deepspeed_moe(
 
 
 @dataclass(frozen=True)
-class DeepSpeedTraffic:
-    """What one DeepSpeed-MoE forward did on this rank (backward repeats both all-to-alls with the same sizes)."""
+class DeepSpeedTraffic(PaddedTraffic):
+    """What one DeepSpeed-MoE forward did on this rank."""
 
-    num_experts: int
-    ep_size: int
-    num_local_experts: int
-    d_model: int
-    tokens: int  # tokens this rank fed in
-    capacity: int  # rows per (source rank, expert) slot, as DeepSpeed chose it
-    exp_counts: tuple[int, ...]  # routes from this rank's tokens per global expert, counted before any drop
-    global_local_counts: tuple[int, ...]  # routes from all group ranks to each of this rank's experts
-    rows_computed: int  # rows this rank's experts ran: ep * E_local * C = E * C
-    rows_per_all_to_all: int  # rows in each all-to-all buffer this rank sends: E * C
-    rows_off_rank_per_all_to_all: int  # of those, rows that leave the rank: (E - E_local) * C
-    bytes_per_all_to_all: int  # rows_per_all_to_all * d * element size (0 when ep_size == 1: no all-to-all)
-    element_size: int
-
-    @property
-    def assignments_sent(self) -> int:
-        """Real (token, expert) routes from this rank (k * tokens when nothing is dropped)."""
-        return sum(self.exp_counts)
-
-    @property
-    def assignments_computed(self) -> int:
-        """Real routes the whole group sends to this rank's experts (counted before any capacity drop)."""
-        return sum(self.global_local_counts)
-
-    @property
-    def compute_padding(self) -> float:
-        """rows_computed / assignments_computed (>= 1 without drops; 1 means no padding)."""
-        return self.rows_computed / max(self.assignments_computed, 1)
-
-    @property
-    def send_padding(self) -> float:
-        """rows_per_all_to_all / assignments_sent."""
-        return self.rows_per_all_to_all / max(self.assignments_sent, 1)
-
-    @property
-    def forward_bytes(self) -> int:
-        """Bytes this rank hands to all-to-all in one forward: dispatch + combine."""
-        return 2 * self.bytes_per_all_to_all
-
-    @property
-    def forward_backward_bytes(self) -> int:
-        """Forward plus backward (the backward of each all-to-all is an all-to-all of the same size)."""
-        return 4 * self.bytes_per_all_to_all
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        for name in (
-            "assignments_sent",
-            "assignments_computed",
-            "compute_padding",
-            "send_padding",
-            "forward_bytes",
-            "forward_backward_bytes",
-        ):
-            out[name] = getattr(self, name)
-        out["exp_counts"] = list(self.exp_counts)
-        out["global_local_counts"] = list(self.global_local_counts)
-        return out
+    rows_off_rank_per_all_to_all: int  # rows of each all-to-all buffer that leave the rank: (E - E_local) * C
 
 
 def _gate_capacity(gate_output: Any) -> int | None:

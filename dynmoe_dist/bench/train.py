@@ -7,6 +7,11 @@
 (d) ``ours_top2_cf1``: our layer with the same capacity factor 1.0 (deterministic drops, counted), to compare like
     with like against (c): dropless pays for every assignment, capacity 1.0 throws the overflow away.
 (e) ``ours_top_any``: DynMoE's Top-Any gate on our layer (k varies per token; no adaptation, to time steady steps).
+(f) ``tutel_dropless``: ``tutel.moe.moe_layer`` in its place, top-2, ``capacity_factor=0`` (capacity = the world-wide
+    largest expert count), trained as Tutel's examples do: one torch AdamW, the non-expert gradients averaged over the
+    world in one flat all-reduce, the experts' (marked ``_tutel_expert``) left local, one global norm for clipping.
+    (DeepSpeed's engine cannot hold Tutel's experts: it only knows expert parameters of its own MoE layers.)
+(g) ``tutel_cf1``: the same at capacity factor 1.0.
 
 Routing right after initialisation is far from what training sees for most of its steps (byte-level data sends whole
 byte classes to the same experts until the balance loss spreads them), so the top-2 variants start from one warm
@@ -17,12 +22,13 @@ steps with the same data, learning-rate schedule, clipping and ZeRO stage. Each 
 spawned ranks (so its peak memory is its own), round-robin over ``--rounds``; a step's time is the slowest rank's, the
 median over the timed steps, the best round. Reported: ms per step, tokens/s (all ranks), peak memory per rank, the
 busiest rank's MoE rows over the mean rank's (ours), the share of assignments a capacity dropped, and the time ratios
-(a)/(b), (a)/(c) and (d)/(c).
+(a)/(b), (a)/(c), (d)/(c) and, where Tutel is installed, (a)/(f), (a)/(g), (d)/(g).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import statistics
@@ -38,6 +44,7 @@ from ..parallel import build_groups
 from .deepspeed_peer import init_deepspeed_groups, local_expert_range, make_deepspeed_moe
 from .ranks import run_ranks
 from .report import emit, format_table
+from .tutel_peer import build_tutel_moe, tutel_available, tutel_capacity, tutel_local_expert_range
 
 VARIANTS = {
     "ours_top2": ["moe=top_k"],
@@ -45,13 +52,20 @@ VARIANTS = {
     "deepspeed_cf1": ["moe=top_k"],
     "ours_top2_cf1": ["moe=top_k", "moe.capacity_factor=1.0"],
     "ours_top_any": ["moe=top_any"],
+    "tutel_dropless": ["moe=top_k"],
+    "tutel_cf1": ["moe=top_k"],
 }
-WARM = ("ours_top2", "deepspeed_dropless", "deepspeed_cf1", "ours_top2_cf1")  # start from the warm top-2 weights
+TUTEL_VARIANTS = ("tutel_dropless", "tutel_cf1")
+# start from the warm top-2 weights
+WARM = ("ours_top2", "deepspeed_dropless", "deepspeed_cf1", "ours_top2_cf1", *TUTEL_VARIANTS)
 # (numerator, denominator, target) of the reported time ratios; the first two are the training issue's targets
 RATIOS = (
     ("ours_top2", "deepspeed_dropless", 0.85),
     ("ours_top2", "deepspeed_cf1", 1.0),
     ("ours_top2_cf1", "deepspeed_cf1", 1.0),
+    ("ours_top2", "tutel_dropless", 0.85),
+    ("ours_top2", "tutel_cf1", 1.0),
+    ("ours_top2_cf1", "tutel_cf1", 1.0),
 )
 
 
@@ -107,6 +121,128 @@ class DeepSpeedMoEBlock(torch.nn.Module):
             expert.load(w_in[e], w_out[e])
 
 
+def load_warm_weights(model: torch.nn.Module, shards: list[dict], world: int) -> None:
+    """Dense weights by name; each MoE block's gate and experts gathered from every rank's shard by expert id."""
+    dense = {k: v for k, v in shards[0].items() if ".moe." not in k}
+    missing = model.load_state_dict(dense, strict=False).missing_keys
+    assert all(".moe." in k for k in missing), missing
+    for i, block in enumerate(model.blocks):
+        if block.is_moe:
+            prefix = f"blocks.{i}.moe."
+            ids = torch.cat([s[prefix + "experts.expert_ids"] for s in shards])
+            order = torch.argsort(ids)
+            w_in = torch.cat([s[prefix + "experts.w_in"] for s in shards])[order]
+            w_out = torch.cat([s[prefix + "experts.w_out"] for s in shards])[order]
+            block.moe.load(shards[0][prefix + "router.weight"], w_in, w_out, world)
+
+
+class TutelMoEBlock(torch.nn.Module):
+    """Tutel's moe_layer behind the model's MoE-block call: ``(y, aux)`` with ``aux.loss`` its weighted GShard loss.
+
+    Counts the assignments its capacity drops: per expert, what this rank routed beyond Tutel's capacity
+    ``k * int(cf * ceil(S / E))`` (``dispatch_count`` holds the per-expert routes before drops).
+    """
+
+    def __init__(self, moe: torch.nn.Module, aux_weight: float, k: int, capacity_factor: float, group) -> None:
+        super().__init__()
+        self.moe, self.aux_weight, self.k, self.capacity_factor, self.group = moe, aux_weight, k, capacity_factor, group
+        self.counts = torch.zeros(2, dtype=torch.float64)  # assignments, dropped
+
+    def forward(self, h: torch.Tensor, importance: torch.Tensor | None = None):
+        y = self.moe(h)
+        routed = self.moe.dispatch_count.detach().to(torch.float64)
+        dropped = 0.0
+        if self.capacity_factor:
+            tokens = h.numel() // h.shape[-1]
+            cap = tutel_capacity(int(routed.max()), tokens, routed.numel(), self.k, self.capacity_factor)
+            dropped = float((routed - cap).clamp(min=0).sum())
+        self.counts += torch.tensor([float(routed.sum()), dropped], dtype=torch.float64)
+        return y, SimpleNamespace(loss=y.l_aux * self.aux_weight)
+
+    @torch.no_grad()
+    def load(self, router_weight: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, world: int) -> None:
+        """Our layer's weights, by expert id: the gate's rows, and this rank's block of experts."""
+        self.moe.gates[0].wg.weight.copy_(router_weight)
+        local = tutel_local_expert_range(w_in.shape[0], self.group)
+        self.moe.experts.batched_fc1_w.copy_(w_in[local.start : local.stop].transpose(1, 2))
+        self.moe.experts.batched_fc2_w.copy_(w_out[local.start : local.stop])
+
+
+class TutelNative:
+    """A Tutel model trained the way Tutel's examples do: torch AdamW, non-expert gradients averaged over the world,
+    expert gradients local (every expert lives on one rank), one global gradient norm for clipping."""
+
+    def __init__(self, cfg, corpus, rank: int, world: int, capacity_factor: float) -> None:
+        from ..train.data import SequenceStream
+        from ..train.engines import dense_param_groups
+        from ..train.model import Transformer
+
+        self.cfg, self.world = cfg, world
+        m, moe = cfg.model, cfg.moe
+        k = moe.router.k
+        group = build_groups(world).ep_group
+
+        def factory(i: int, d: int) -> torch.nn.Module:
+            E = moe.num_experts
+            zeros = (torch.zeros(E, d), torch.zeros(E, d, moe.d_ff), torch.zeros(E, moe.d_ff, d))  # load() fills them
+            layer = build_tutel_moe(d, moe.d_ff, E, k, *zeros, group, capacity_factor=capacity_factor)
+            return TutelMoEBlock(layer, moe.router.balance_weight, k, capacity_factor, group)
+
+        self.model = Transformer(m, moe, seed=cfg.seed, moe_factory=factory)
+        params = list(self.model.parameters())
+        self.shared = [p for p in params if not getattr(p, "_tutel_expert", False)]
+        self.experts = [p for p in params if getattr(p, "_tutel_expert", False)]
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(
+            dense_param_groups(params, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+        )
+        d = cfg.data
+        self.stream = SequenceStream(corpus.train, d.seq_len, d.batch_size, rank, world, d.seed, m.vocab_size)
+        self.step = 0
+
+    def load_warm(self, shards: list[dict]) -> None:
+        # Tutel warns at length about every key a partial (dense-only) load leaves out; the MoE rows come next
+        logging.disable(logging.WARNING)
+        try:
+            load_warm_weights(self.model, shards, self.world)
+        finally:
+            logging.disable(logging.NOTSET)
+
+    def train_step(self) -> None:
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        from ..train.schedule import learning_rate
+
+        self.step += 1
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(self.step, self.cfg.optim, self.cfg.steps)
+        tokens, targets = self.stream.next_batch()
+        self.opt.zero_grad(set_to_none=False)
+        loss, _ = self.model(tokens, targets)
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.shared]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+        expert_sq = torch.zeros((), dtype=torch.float64)
+        for p in self.experts:
+            if p.grad is not None:
+                expert_sq += p.grad.double().pow(2).sum()
+        dist.all_reduce(expert_sq)  # each expert lives on one rank: the squares add up over the world
+        total = (expert_sq + flat.double().pow(2).sum()).sqrt()
+        coef = self.cfg.optim.grad_clip / (float(total) + 1e-6)
+        if coef < 1.0:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        self.opt.step()
+
+
+PEER_BLOCKS = (DeepSpeedMoEBlock, TutelMoEBlock)
+
+
 class DeepSpeedNative:
     """A DeepSpeed-MoE model trained the way DeepSpeed users do: one engine owns everything, its own clipping."""
 
@@ -145,18 +281,7 @@ class DeepSpeedNative:
         self.step = 0
 
     def load_warm(self, shards: list[dict]) -> None:
-        """Dense weights by name; each MoE block's gate and experts gathered from every rank's shard by expert id."""
-        dense = {k: v for k, v in shards[0].items() if ".moe." not in k}
-        missing = self.model.load_state_dict(dense, strict=False).missing_keys
-        assert all(".moe." in k for k in missing), missing
-        for i, block in enumerate(self.model.blocks):
-            if block.is_moe:
-                prefix = f"blocks.{i}.moe."
-                ids = torch.cat([s[prefix + "experts.expert_ids"] for s in shards])
-                order = torch.argsort(ids)
-                w_in = torch.cat([s[prefix + "experts.w_in"] for s in shards])[order]
-                w_out = torch.cat([s[prefix + "experts.w_out"] for s in shards])[order]
-                block.moe.load(shards[0][prefix + "router.weight"], w_in, w_out, self.world)
+        load_warm_weights(self.model, shards, self.world)
 
     def train_step(self) -> None:
         from ..train.schedule import learning_rate
@@ -216,7 +341,11 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
         for layer in runner.model.moe_layers():
             layer.register_forward_hook(observe)
     else:
-        runner = DeepSpeedNative(cfg, corpus, rank, world, drop_tokens=a.variant == "deepspeed_cf1")
+        if a.variant in TUTEL_VARIANTS:
+            cf = 0.0 if a.variant == "tutel_dropless" else 1.0
+            runner = TutelNative(cfg, corpus, rank, world, capacity_factor=cf)
+        else:
+            runner = DeepSpeedNative(cfg, corpus, rank, world, drop_tokens=a.variant == "deepspeed_cf1")
         if shards:
             runner.load_warm(shards)
     if shards:  # the same data and schedule position as the warm run reached
@@ -228,7 +357,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
     loss = first_loss(runner.model, runner.stream)
     counts.zero_()
     for m in runner.model.modules():
-        if isinstance(m, DeepSpeedMoEBlock):
+        if isinstance(m, PEER_BLOCKS):
             m.counts.zero_()
     times, busiest = [], []
     for step in range(a.warmup + a.steps):
@@ -255,7 +384,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
     row = {"variant": a.variant, "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mem_mb": float(memory)}
     row["busiest_rank_rows_over_mean"] = statistics.mean(busiest[a.warmup :]) if busiest else float("nan")
     if not busiest:
-        counts = sum(m.counts for m in runner.model.modules() if isinstance(m, DeepSpeedMoEBlock))
+        counts = sum(m.counts for m in runner.model.modules() if isinstance(m, PEER_BLOCKS))
     dist.all_reduce(counts)
     row["dropped_share"] = float(counts[1] / counts[0])
     row["first_loss"] = float(first) / world
@@ -265,10 +394,13 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
 def check_same_computation(best: dict[str, dict]) -> None:
     """(a) and (b) start from the same weights and batch: their first losses must agree, or the timing compares
     different computations. The capacity variants drop different assignments (by weight, by position): not compared."""
-    if "ours_top2" in best and "deepspeed_dropless" in best:
-        ours, peer = best["ours_top2"]["first_loss"], best["deepspeed_dropless"]["first_loss"]
-        if not math.isclose(ours, peer, rel_tol=1e-4):
-            raise SystemExit(f"first losses differ: ours {ours} vs DeepSpeed {peer}; the variants do not compute alike")
+    for peer in ("deepspeed_dropless", "tutel_dropless"):
+        if "ours_top2" in best and peer in best:
+            ours, theirs = best["ours_top2"]["first_loss"], best[peer]["first_loss"]
+            if not math.isclose(ours, theirs, rel_tol=1e-4):
+                raise SystemExit(
+                    f"first losses differ: ours {ours} vs {peer} {theirs}; the variants do not compute alike"
+                )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,12 +421,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--json", default=None, help="also write the JSON document here")
     a = p.parse_args(argv)
+    tutel_ok, tutel_why = tutel_available()
+    variants = [v for v in a.variants.split(",") if tutel_ok or v not in TUTEL_VARIANTS]
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as warm_dir:
         if a.warm_steps:
             run_ranks(body, argparse.Namespace(**vars(a), variant="warm", warm_dir=warm_dir))
         for _ in range(a.rounds):
-            for variant in a.variants.split(","):
+            for variant in variants:
                 (row,) = run_ranks(body, argparse.Namespace(**vars(a), variant=variant, warm_dir=warm_dir))
                 if variant not in best or row["ms_per_step"] < best[variant]["ms_per_step"]:
                     best[variant] = row
@@ -311,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
         "threads_per_rank": a.threads,
         "tokens_per_rank_per_step": a.batch * a.seq_len,
         "model": f"d={a.d_model} layers={a.layers} moe_every={a.moe_every} experts={a.experts} d_ff={a.d_ff}",
-        "engine": "DeepSpeed ZeRO 0, fp32, CPU gloo",
+        "engine": "DeepSpeed ZeRO 0, fp32, CPU gloo (Tutel: torch AdamW, flat all-reduce of non-expert gradients)",
+        "tutel": "tutel.moe.moe_layer, top-2 fp32 gate, bias-free GELU experts" if tutel_ok else f"absent: {tutel_why}",
         "warm_steps": a.warm_steps,
         "ratios": ratios,
     }

@@ -54,6 +54,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .padded_traffic import PaddedTraffic, check_peer_weights
+
 __all__ = [
     "TutelTraffic",
     "build_tutel_moe",
@@ -127,13 +129,7 @@ def build_tutel_moe(
     ``capacity_factor``: Tutel's (0 = dropless). ``bias``: keep Tutel's FFN biases (zeroed) instead of building the
     experts without them; either way the function is ours, the biases only cost two adds. Call as ``y = moe(x)``.
     """
-    if router_weight.shape != (num_experts, d_model):
-        raise ValueError(f"router_weight must be [{num_experts}, {d_model}], got {tuple(router_weight.shape)}")
-    if w_in.shape != (num_experts, d_model, d_ff) or w_out.shape != (num_experts, d_ff, d_model):
-        raise ValueError(
-            f"w_in must be [{num_experts}, {d_model}, {d_ff}] and w_out [{num_experts}, {d_ff}, {d_model}], "
-            f"got {tuple(w_in.shape)} and {tuple(w_out.shape)}"
-        )
+    check_peer_weights(d_model, d_ff, num_experts, router_weight, w_in, w_out)
     _, ep = group_rank_size(group)
     if num_experts % ep:
         raise ValueError(f"num_experts={num_experts} must be divisible by the group size {ep}")
@@ -172,51 +168,18 @@ def build_tutel_moe(
 
 
 @dataclass(frozen=True)
-class TutelTraffic:
-    """What one Tutel forward did on this rank (backward repeats both all-to-alls with the same sizes)."""
+class TutelTraffic(PaddedTraffic):
+    """What one Tutel forward did on this rank."""
 
-    num_experts: int
-    ep_size: int
-    num_local_experts: int
-    d_model: int
     k: int
-    tokens: int  # tokens this rank fed in
     capacity_factor: float
-    capacity: int  # rows per (source rank, expert) slot, read off the experts' input
-    exp_counts: tuple[int, ...]  # routes from this rank's tokens per global expert, before drops
-    global_local_counts: tuple[int, ...]  # routes from all group ranks to each of this rank's experts, before drops
     dropped: int  # routes from this rank past the capacity: sum_e max(count_e - C, 0)
-    rows_computed: int  # rows this rank's experts ran: ep * E_local * C = E * C
-    rows_per_all_to_all: int  # rows in each all-to-all buffer this rank sends: E * C
-    bytes_per_all_to_all: int  # rows_per_all_to_all * d * element size (0 when ep == 1: no all-to-all)
-    element_size: int
 
-    @property
-    def assignments_sent(self) -> int:
-        """Routes from this rank before drops (k * tokens)."""
-        return sum(self.exp_counts)
+    DERIVED = (*PaddedTraffic.DERIVED, "dropped_fraction")
 
     @property
     def dropped_fraction(self) -> float:
         return self.dropped / max(self.assignments_sent, 1)
-
-    @property
-    def send_padding(self) -> float:
-        """rows_per_all_to_all / assignments_sent (rows sent per assignment)."""
-        return self.rows_per_all_to_all / max(self.assignments_sent, 1)
-
-    @property
-    def forward_backward_bytes(self) -> int:
-        """Dispatch + combine in forward, and the same two again in backward."""
-        return 4 * self.bytes_per_all_to_all
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        for name in ("assignments_sent", "dropped_fraction", "send_padding", "forward_backward_bytes"):
-            out[name] = getattr(self, name)
-        out["exp_counts"] = list(self.exp_counts)
-        out["global_local_counts"] = list(self.global_local_counts)
-        return out
 
 
 def tutel_traffic(moe: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, TutelTraffic]:

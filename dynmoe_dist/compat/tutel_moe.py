@@ -177,9 +177,25 @@ class MOELayer(nn.Module):
     def num_global_experts(self) -> int:
         return self.moe.num_experts
 
-    def forward(self, input: torch.Tensor, gate_index: int = 0, capacity_factor=None, top_k=None, **_kernel_options):
-        """``y`` with ``y.l_aux``, as Tutel returns it. ``capacity_factor`` overrides the gate's for this call."""
+    def forward(
+        self,
+        input: torch.Tensor,
+        gate_index: int = 0,
+        capacity_factor=None,
+        top_k=None,
+        a2a_ffn_overlap_degree=None,
+        reserve_dims: int = 1,
+        inequivalent_tokens: bool = False,
+        adaptive_r=None,
+        megablocks_size: int = 0,
+    ):
+        """``y`` with ``y.l_aux``, as Tutel returns it. ``capacity_factor`` overrides the gate's for this call.
+
+        The kernel options (overlap degree, adaptive_r, megablocks_size) have no effect; uneven token counts across
+        ranks always work here, so ``inequivalent_tokens`` is not needed.
+        """
         check(gate_index == 0, "gate_index", gate_index, "0 (one gate per layer)")
+        check(reserve_dims == 1, "reserve_dims", reserve_dims, "1 (the last dimension is the model dimension)")
         cfg = self.moe.router.cfg
         check(top_k in (None, getattr(cfg, "k", None)), "top_k", top_k, "the gate's own k")
         self.moe.capacity_factor = our_capacity(self.capacity_factor if capacity_factor is None else capacity_factor)
