@@ -58,7 +58,7 @@ def case_layer_equivalence(gate: str, num_experts: int) -> list[str]:
     world, rank = dist.get_world_size(), dist.get_rank()
     groups = dist_pool.groups(world)
     problems: list[str] = []
-    for activation in ("gelu", "swiglu"):
+    for activation, overlap_min_rows in (("gelu", 0), ("swiglu", 0), ("gelu", 10**9)):  # overlap; merged experts
         for pname, table in placements(num_experts, world).items():
             for skew in (0.0, 3.0):
                 seed = 1000 + num_experts
@@ -66,6 +66,7 @@ def case_layer_equivalence(gate: str, num_experts: int) -> list[str]:
                 par = MoELayer(
                     D, D_FF, num_experts, GATES[gate], activation, groups=groups, placement=table, seed=seed
                 ).double()
+                par.dispatcher.overlap_min_rows = overlap_min_rows
                 xs, gys, imps = make_inputs(world, seed, skew, ref.router.weight.detach()[0])
                 x_all = torch.cat(xs).requires_grad_()
                 y_ref, _ = ref(x_all, torch.cat(imps) if gate == "importance_k" else None)
@@ -77,7 +78,7 @@ def case_layer_equivalence(gate: str, num_experts: int) -> list[str]:
 
                 lo = sum(TOKENS[:rank])
                 hi = lo + TOKENS[rank]
-                where = f"{gate}/{activation}/{pname}/skew={skew}"
+                where = f"{gate}/{activation}/{pname}/skew={skew}/overlap_min_rows={overlap_min_rows}"
                 if not torch.allclose(y, y_ref[lo:hi], atol=1e-10):
                     problems.append(f"{where}: output differs by {(y - y_ref[lo:hi]).abs().max():.3g}")
                 if not torch.allclose(x.grad, x_all.grad[lo:hi], atol=1e-10):

@@ -23,6 +23,7 @@ from ..experts import ExpertBank
 from ..layer import MoELayer
 from ..parallel import build_groups
 from .deepspeed_peer import build_deepspeed_moe, deepspeed_traffic, init_deepspeed_groups
+from .layer import sweep_shapes
 from .ranks import add_shape_args, run_ranks, shape_meta
 from .report import emit
 from .timing import interleaved_medians
@@ -82,7 +83,7 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
 
     y_ours, aux = ours(x)
     y_peer, traffic = deepspeed_traffic(peer, x)
-    max_diff = float((y_ours - y_peer).abs().max())
+    max_diff = float((y_ours - y_peer).detach().abs().max())
     fns = {}
     if a.tutel:
         w_in, w_out = full.w_in.detach(), full.w_out.detach()
@@ -132,6 +133,9 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
     dist.all_reduce(load)
     row = {
         "scenario": name,
+        "experts": a.experts,
+        "d_model": a.d_model,
+        "d_ff": a.d_ff,
         "ours_ms": float(slowest[0]) * 1e3,
         "deepspeed_ms": float(slowest[1]) * 1e3,
         "time_ratio": float(slowest[0] / slowest[1]),
@@ -168,6 +172,11 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
 
 def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
     init_deepspeed_groups(world)
+    if a.sweep:  # granularity sweep: balanced routing at every shape
+        shapes = [
+            argparse.Namespace(**{**vars(a), "experts": e, "d_model": d, "d_ff": f}) for e, d, f in sweep_shapes()
+        ]
+        return [scenario("balanced", 0.0, s, rank, world) for s in shapes]
     return [
         scenario("balanced", 0.0, a, rank, world),
         scenario("skewed", a.skew, a, rank, world),
@@ -179,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench expert_parallel", description=__doc__)
     add_shape_args(p, repeats=20)
     p.add_argument("--no-tutel", dest="tutel", action="store_false", help="leave the Tutel peer out")
+    p.add_argument(
+        "--sweep", action="store_true", help="balanced routing at 8-128 experts, d 256 and 512 (bench layer)"
+    )
     a = p.parse_args(argv)
     tutel_ok, tutel_why = tutel_available() if a.tutel else (False, "left out (--no-tutel)")
     a.tutel = tutel_ok
@@ -196,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     cols = [
         "scenario",
+        *(["experts", "d_model", "d_ff"] if a.sweep else []),
         "ours_ms",
         "deepspeed_ms",
         "time_ratio",
@@ -209,4 +222,4 @@ def main(argv: list[str] | None = None) -> None:
         "max_abs_diff",
         *(TUTEL_COLUMNS if tutel_ok else []),
     ]
-    emit("expert_parallel", rows, cols, meta, a.json)
+    emit("expert_parallel_sweep" if a.sweep else "expert_parallel", rows, cols, meta, a.json)

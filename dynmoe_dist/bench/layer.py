@@ -1,6 +1,11 @@
-"""Single-process layer overhead: MoE layer forward+backward / the same expert matmuls alone on the same rows.
+"""Single-process layer cost against two floors, forward+backward on the same rows:
 
-The floor is 1.0: everything above it is routing, permutation and combine. DESIGN.md section 8.
+* the experts' floor: the same expert matmuls alone (``layer / experts``: everything above 1.0 is routing,
+  permutation and combine; DESIGN.md section 8);
+* the dense floor: one dense FFN of the same sizes over the same number of rows, one matmul chain (``experts /
+  dense``: what splitting the rows among many small experts costs; the GEMM floor fine-grained experts aim at).
+
+``--sweep`` runs the granularity sweep (8, 32, 64 and 128 experts; d 256 and 512; top-2), one row per shape.
 """
 
 from __future__ import annotations
@@ -10,11 +15,38 @@ import platform
 
 import torch
 
+from ..experts.grouped import GATED, PLAIN
 from ..layer import MoELayer
 from .report import emit
 from .timing import interleaved_medians
 
 GATES = {"top2": {"kind": "top_k", "k": 2}, "top_any": {"kind": "top_any"}}
+SWEEP_EXPERTS = (8, 32, 64, 128)
+SWEEP_D = (256, 512)
+# (experts, target expert / dense floor), 1 thread, forward+backward: no worse than a padded batched matmul
+FLOOR_TARGETS = {8: 1.05, 32: 1.12, 64: 1.30, 128: 1.45}
+
+
+def sweep_shapes() -> list[tuple[int, int, int]]:
+    """(experts, d, d_ff): d_ff = 4d at 8 experts, 2d from 32 on (finer experts, as fine-grained MoEs do)."""
+    return [(e, d, 4 * d if e == 8 else 2 * d) for e in SWEEP_EXPERTS for d in SWEEP_D]
+
+
+def dense_floor(rows: int, d: int, d_ff: int, activation: str):
+    """forward+backward of one dense FFN over ``rows`` rows: the same FLOPs as the experts, in one matmul chain."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, d, generator=g, requires_grad=True)
+    w_in = (torch.randn(d, d_ff, generator=g) * d**-0.5).requires_grad_()
+    w_out = (torch.randn(d_ff, d, generator=g) * d_ff**-0.5).requires_grad_()
+    w_gate = (torch.randn(d, d_ff, generator=g) * d**-0.5).requires_grad_() if activation in GATED else None
+    grad = torch.randn(rows, d, generator=g)
+
+    def step() -> None:
+        h = x @ w_in
+        h = GATED[activation](x @ w_gate) * h if w_gate is not None else PLAIN[activation](h)
+        (h @ w_out).backward(grad)
+
+    return step
 
 
 def measure(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation: str, repeats: int) -> dict:
@@ -37,17 +69,25 @@ def measure(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation:
     def experts_only() -> None:
         layer.experts(rows, segments).backward(grad_rows)
 
-    times = interleaved_medians({"layer": layer_step, "experts": experts_only}, repeats)
+    steps = {"layer": layer_step, "experts": experts_only, "dense": dense_floor(rows.shape[0], d, d_ff, activation)}
+    times = interleaved_medians(steps, repeats)
     layer.zero_grad(set_to_none=True)
     return {
         "gate": gate,
         "activation": activation,
+        "experts": experts,
+        "d_model": d,
+        "d_ff": d_ff,
         "tokens": tokens,
         "assignments": rows.shape[0],
         "avg_k": rows.shape[0] / tokens,
         "layer_ms": times["layer"] * 1e3,
         "experts_ms": times["experts"] * 1e3,
+        "dense_ms": times["dense"] * 1e3,
         "overhead_ratio": times["layer"] / times["experts"],
+        "experts_over_dense": times["experts"] / times["dense"],
+        "layer_over_dense": times["layer"] / times["dense"],
+        "floor_target": FLOOR_TARGETS.get(experts),
     }
 
 
@@ -60,17 +100,38 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--activation", default="gelu")
     p.add_argument("--gates", default="top2,top_any")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; the sweep uses 1)")
+    p.add_argument("--sweep", action="store_true", help="granularity sweep: top-2 at every shape of sweep_shapes()")
     p.add_argument("--json", default=None, help="also write the JSON document here")
     a = p.parse_args(argv)
-    rows = [measure(g, a.tokens, a.d_model, a.d_ff, a.experts, a.activation, a.repeats) for g in a.gates.split(",")]
+    threads = a.threads or (1 if a.sweep else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if a.sweep:
+        rows = [measure("top2", a.tokens, d, f, e, a.activation, a.repeats) for e, d, f in sweep_shapes()]
+    else:
+        gates = a.gates.split(",")
+        rows = [measure(g, a.tokens, a.d_model, a.d_ff, a.experts, a.activation, a.repeats) for g in gates]
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "d_model": a.d_model,
-        "d_ff": a.d_ff,
-        "experts": a.experts,
-        "target": "overhead_ratio <= 1.15 for top2",
+        "sweep": a.sweep,
+        "targets": "overhead_ratio <= 1.15 for top2; experts_over_dense <= floor_target (1 thread)",
     }
-    cols = ["gate", "activation", "tokens", "assignments", "avg_k", "layer_ms", "experts_ms", "overhead_ratio"]
-    emit("layer", rows, cols, meta, a.json)
+    cols = [
+        "gate",
+        "experts",
+        "d_model",
+        "d_ff",
+        "assignments",
+        "avg_k",
+        "layer_ms",
+        "experts_ms",
+        "dense_ms",
+        "overhead_ratio",
+        "experts_over_dense",
+        "layer_over_dense",
+        "floor_target",
+    ]
+    emit("layer_sweep" if a.sweep else "layer", rows, cols, meta, a.json)

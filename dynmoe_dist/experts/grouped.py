@@ -1,9 +1,9 @@
-"""Grouped matmul over contiguous segments: each segment of rows is computed by one expert, nothing else.
+"""Grouped FFN over contiguous segments: each segment of rows is computed by one expert, nothing else.
 
 Rows arrive as contiguous segments, each tagged with its local expert slot (one per expert on a single process; one
-per (source rank, expert) after an all-to-all, which saves reordering the received rows: splitting an expert's rows
-in two segments costs nothing measurable). No padding, no [E, capacity, d] buffer: cost is proportional to the
-number of rows, whatever their split.
+per (source rank, expert) after an all-to-all). No padding, no [E, capacity, d] buffer: cost is proportional to the
+number of rows, whatever their split. The compute is one autograd function (segment_ffn.py); ``expert_ffn`` is the
+plain one-expert form, the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .segment_ffn import GroupedFFN, merge_by_slot
 
 # plain FFNs: act(x W_in + b_in) W_out + b_out; gated ones: (act(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out
 PLAIN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -56,23 +58,22 @@ def grouped_ffn(
     """``segments`` = [(slot, n), ...] in row order: the next n rows go through expert ``slot``.
 
     ``activation`` defaults to GELU, or SwiGLU when ``w_gate`` is given; ``biases`` holds stacked b_in/b_gate/b_out.
+    A slot's rows spread over several segments are gathered into one (a row permutation) before the experts run.
     """
     activation = activation or ("swiglu" if w_gate is not None else "gelu")
-    stacked = {"w_in": w_in, "w_out": w_out, **({"w_gate": w_gate} if w_gate is not None else {}), **(biases or {})}
-    # one unbind per stacked tensor: its backward stacks the per-expert gradients once, where indexing w[e] per
-    # segment would allocate and add a full-size zero gradient for every segment
+    b = biases or {}
+
     # Weights follow the rows' dtype: bf16 activations compute in bf16 against fp32 parameters, whose gradients
     # arrive in fp32 through the cast (a no-op when the dtypes already agree).
-    per_expert = {name: t.to(rows.dtype).unbind(0) for name, t in stacked.items()}
-    outputs = []
-    # split, not one slice per segment: a slice's backward writes its gradient into a zero-filled buffer of all the
-    # rows (one fill per segment), where split's backward is one cat
-    pieces = rows.split([n for _, n in segments]) if segments else ()
-    for (slot, n), piece in zip(segments, pieces):
-        if n:
-            outputs.append(expert_ffn(piece, {k: v[slot] for k, v in per_expert.items()}, activation))
-    if not outputs:
-        # no rows at all: stay connected to the inputs and weights, so every rank gets (zero) gradients for them
-        touch = sum(t.sum() for t in stacked.values())
-        return rows * 0.0 + touch * 0.0
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(rows.dtype)
+
+    perm, merged = merge_by_slot(segments)
+    x = rows if perm is None else rows.index_select(0, perm.to(rows.device))
+    weights = (cast(w_in), cast(w_out), cast(w_gate), cast(b.get("b_in")), cast(b.get("b_out")), cast(b.get("b_gate")))
+    y = GroupedFFN.apply(x, merged, activation, *weights)
+    if perm is None:
+        return y
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel())
+    return y.index_select(0, inverse.to(rows.device))

@@ -1,0 +1,176 @@
+"""The whole grouped expert FFN as one autograd function: no per-segment graph nodes, no cat, weight gradients
+written straight into their stacked tensors.
+
+Why: with many small experts (DeepSeekMoE-style 64+ per layer) a loop of autograd ops pays, per segment, three graph
+nodes, a split and a cat of the rows, and an ``unbind`` whose backward stacks every expert's weight gradient into a
+new tensor (a full copy of the bank's gradients per step). Here forward writes each segment's output into one
+preallocated buffer, and backward writes each expert's weight gradient into its row of the stacked gradient (``mm``
+with ``out=`` the first time an expert is seen, ``addmm_`` after). Each segment is still computed whole (matmul,
+activation, matmul) while its rows are hot in cache, which is why this beats one activation over all rows on CPU.
+Activations and their derivatives are aten's own (``gelu_backward``, ``silu_backward``), so results match autograd's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+
+def act_forward(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if name == "relu":
+        return F.relu(h)
+    return F.silu(h)  # silu
+
+
+def act_backward(name: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    if name == "gelu":
+        return aten.gelu_backward(grad, h)
+    if name == "gelu_tanh":
+        return aten.gelu_backward(grad, h, approximate="tanh")
+    if name == "relu":
+        return torch.where(h > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    return aten.silu_backward(grad, h)  # silu
+
+
+GATE_ACT = {"swiglu": "silu", "geglu": "gelu"}
+
+
+def linear_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None):
+    if b is None:
+        return torch.mm(x, w, out=out) if out is not None else torch.mm(x, w)
+    return torch.addmm(b, x, w, out=out) if out is not None else torch.addmm(b, x, w)
+
+
+class GroupedFFN(torch.autograd.Function):
+    """y[seg] = FFN_slot(x[seg]) for each (slot, n) segment; weights stacked [E, ...], biases optional (None)."""
+
+    @staticmethod
+    def forward(ctx, x, segments, activation, w_in, w_out, w_gate, b_in, b_out, b_gate):  # noqa: D102
+        gated = activation in GATE_ACT
+        act = GATE_ACT.get(activation, activation)
+        y = x.new_empty(x.shape[0], w_out.shape[2])
+        saved = []  # per non-empty segment: pre-activation, gate pre-activation (or None), activation output
+        start = 0
+        for slot, n in segments:
+            end = start + n
+            if n:
+                xs = x[start:end]
+                h = linear_into(xs, w_in[slot], None if b_in is None else b_in[slot])
+                if gated:
+                    hg = linear_into(xs, w_gate[slot], None if b_gate is None else b_gate[slot])
+                    a = act_forward(act, hg) * h
+                else:
+                    hg, a = None, act_forward(act, h)
+                linear_into(a, w_out[slot], None if b_out is None else b_out[slot], out=y[start:end])
+                saved += [h, hg, a]
+            start = end
+        # through save_for_backward, so that saved-tensor hooks (activation checkpointing, offload) see them all
+        ctx.save_for_backward(x, w_in, w_out, w_gate, *saved)
+        ctx.segments, ctx.activation = segments, activation
+        ctx.has_bias = (b_in is not None, b_out is not None, b_gate is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        x, w_in, w_out, w_gate, *saved = ctx.saved_tensors
+        gated = ctx.activation in GATE_ACT
+        act = GATE_ACT.get(ctx.activation, ctx.activation)
+        need = ctx.needs_input_grad
+        dy = dy.contiguous()
+        dx = torch.empty_like(x) if need[0] else None
+
+        def stacked(w, i):
+            return torch.empty_like(w) if w is not None and need[i] else None
+
+        dw_in, dw_out, dw_gate = stacked(w_in, 3), stacked(w_out, 4), stacked(w_gate, 5)
+        db_in = torch.empty(w_in.shape[0], w_in.shape[2], dtype=x.dtype, device=x.device) if need[6] else None
+        db_out = torch.empty(w_out.shape[0], w_out.shape[2], dtype=x.dtype, device=x.device) if need[7] else None
+        db_gate = torch.empty(w_in.shape[0], w_in.shape[2], dtype=x.dtype, device=x.device) if need[8] else None
+        seen: set[int] = set()
+
+        def accumulate(grad: torch.Tensor | None, slot: int, first: bool, a: torch.Tensor, b: torch.Tensor) -> None:
+            if grad is not None:
+                if first:
+                    torch.mm(a, b, out=grad[slot])
+                else:
+                    grad[slot].addmm_(a, b)
+
+        def accumulate_bias(grad: torch.Tensor | None, slot: int, first: bool, g: torch.Tensor) -> None:
+            if grad is not None:
+                if first:
+                    torch.sum(g, 0, out=grad[slot])
+                else:
+                    grad[slot].add_(g.sum(0))
+
+        start = 0
+        kept = iter(saved)
+        for slot, n in ctx.segments:
+            end = start + n
+            if n:
+                h, hg, a = next(kept), next(kept), next(kept)
+                first = slot not in seen
+                seen.add(slot)
+                g = dy[start:end]
+                xs = x[start:end]
+                accumulate(dw_out, slot, first, a.t(), g)
+                accumulate_bias(db_out, slot, first, g)
+                da = torch.mm(g, w_out[slot].t())
+                if gated:
+                    dh = da * act_forward(act, hg)
+                    dhg = act_backward(act, da * h, hg)
+                    accumulate(dw_gate, slot, first, xs.t(), dhg)
+                    accumulate_bias(db_gate, slot, first, dhg)
+                else:
+                    dh, dhg = act_backward(act, da, h), None
+                accumulate(dw_in, slot, first, xs.t(), dh)
+                accumulate_bias(db_in, slot, first, dh)
+                if dx is not None:
+                    torch.mm(dh, w_in[slot].t(), out=dx[start:end])
+                    if dhg is not None:
+                        dx[start:end].addmm_(dhg, w_gate[slot].t())
+            start = end
+        unseen = [s for s in range(w_in.shape[0]) if s not in seen]
+        for grad in (dw_in, dw_out, dw_gate, db_in, db_out, db_gate):
+            if grad is not None and unseen:
+                grad[unseen] = 0
+        has_b_in, has_b_out, has_b_gate = ctx.has_bias
+        return (
+            dx,
+            None,
+            None,
+            dw_in,
+            dw_out,
+            dw_gate,
+            db_in if has_b_in else None,
+            db_out if has_b_out else None,
+            db_gate if has_b_gate else None,
+        )
+
+
+def merge_by_slot(segments: Sequence[tuple[int, int]]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+    """A row permutation that makes each slot's rows one segment (None when they already are), and those segments.
+
+    After an all-to-all an expert's rows come in one segment per source rank; one GEMM over all of them is cheaper
+    than several (the weight-gradient GEMM's inner dimension is the segment's row count).
+    """
+    slots = [s for s, n in segments if n]
+    if len(slots) == len(set(slots)):
+        return None, [(s, n) for s, n in segments if n]
+    starts, pos = [], 0
+    for _, n in segments:
+        starts.append(pos)
+        pos += n
+    order = sorted((i for i, (_, n) in enumerate(segments) if n), key=lambda i: segments[i][0])  # stable
+    perm = torch.cat([torch.arange(starts[i], starts[i] + segments[i][1]) for i in order])
+    merged: dict[int, int] = {}
+    for i in order:
+        merged[segments[i][0]] = merged.get(segments[i][0], 0) + segments[i][1]
+    return perm, list(merged.items())
