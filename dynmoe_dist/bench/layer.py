@@ -15,7 +15,7 @@ import platform
 
 import torch
 
-from ..experts.grouped import GATED, PLAIN
+from ..experts.activations import GATED, PLAIN
 from ..layer import MoELayer
 from .report import emit
 from .timing import interleaved_medians

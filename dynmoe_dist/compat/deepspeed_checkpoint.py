@@ -16,7 +16,6 @@ from torch import nn
 
 from ..checkpoint.manifest import CheckpointError
 from .deepspeed_moe import MoE
-from .weights import load_peer_weights
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -42,10 +41,7 @@ def load_deepspeed_checkpoint(model: nn.Module, folder: str | Path, tag: str | N
     root = resolve_tag(Path(folder), tag)
     states = torch.load(root / MODEL_FILE, map_location="cpu", weights_only=False)
     dense = dict(states["module"])
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-    for layer_id, (name, layer) in enumerate(layers):
-        prefix = f"{name}." if name else ""
-        theirs = {k: v for k, v in dense.items() if k.startswith(prefix + "deepspeed_moe.")}
+    for layer_id, (name, layer) in enumerate((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
         for expert_id in range(layer.num_experts):
             path = root / f"layer_{layer_id}_expert_{expert_id}_{MODEL_FILE}"
             if not path.is_file():
@@ -53,9 +49,6 @@ def load_deepspeed_checkpoint(model: nn.Module, folder: str | Path, tag: str | N
                     f"{path.name} is missing in {root}: the model's MoE layer {layer_id} ({name}) has "
                     f"{layer.num_experts} experts; is the model the one that wrote this checkpoint?"
                 )
-            theirs.update(torch.load(path, map_location="cpu", weights_only=True))
-        load_peer_weights(layer.moe, layer.peer_weights(theirs, prefix))
-        for k in theirs:
-            dense.pop(k, None)
-        dense.update(layer.moe.state_dict(prefix=prefix + "moe."))
+            dense.update(torch.load(path, map_location="cpu", weights_only=True))
+    # every expert is now in the dict under its global id: each drop-in layer converts its part on load
     return model.load_state_dict(dense, strict=strict)

@@ -42,9 +42,10 @@ from torch import nn
 from ..errors import ConfigError, check
 from ..layer import MoEAux, MoELayer
 from ..routing import RouterConfig
+from .drop_in import DropInLayer
 from .expert_module import read_expert
 from .groups import groups_for
-from .weights import PeerWeights, as_rank_list, load_peer_weights
+from .weights import PeerWeights, as_rank_list
 
 GATE_KEY = "deepspeed_moe.gate.wg.weight"
 EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
@@ -68,8 +69,10 @@ def deepspeed_router(k: int, noisy_gate_policy: str | None, top2_2nd_expert_samp
     }
 
 
-class MoE(nn.Module):
+class MoE(DropInLayer):
     """DeepSpeed-MoE's layer, running on dynmoe_dist (dropless all-to-all, dynamic experts, any gate)."""
+
+    GATE_KEY = GATE_KEY
 
     def __init__(
         self,
@@ -195,23 +198,16 @@ class MoE(nn.Module):
             raise ConfigError(f"expert {expert_id}", "a state dict that does not fit the expert module", str(e)) from e
         return read_expert(module, self.hidden_size).rows
 
+    def peer_keys(self, state_dict: dict, prefix: str) -> list[str]:
+        return [k for k in state_dict if k.startswith(prefix + "deepspeed_moe.")]
+
     def load_deepspeed_state_dicts(self, state_dicts, prefix: str = "") -> None:
-        """Load DeepSpeed-MoE weights saved at any ep_size (list of per-rank dicts in rank order) at ours."""
-        load_peer_weights(self.moe, self.peer_weights(state_dicts, prefix))
+        """Load DeepSpeed-MoE weights saved at any ep_size (list of per-rank dicts in rank order) at ours, with the
+        residual MLP and its coefficient (which a plain ``load_state_dict`` loads by name)."""
+        self.load_peer_state_dicts(state_dicts, prefix)
         if self.use_residual:
             for name in ("mlp", "coefficient"):
                 head = prefix + name + "."
                 items = [kv for sd in as_rank_list(state_dicts) for kv in sd.items()]
                 own = {k[len(head) :]: v for k, v in items if k.startswith(head)}
                 getattr(self, name).load_state_dict(own)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        """A DeepSpeed-format dict (``deepspeed_moe.*`` keys) is converted; our own format loads as usual."""
-        if prefix + GATE_KEY in state_dict:
-            mine = {k: v for k, v in state_dict.items() if k.startswith(prefix + "deepspeed_moe.")}
-            load_peer_weights(self.moe, self.peer_weights(mine, prefix))
-            for k in mine:
-                del state_dict[k]
-            for k, v in self.moe.state_dict(prefix=prefix + "moe.").items():
-                state_dict[k] = v
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..errors import ConfigError, check
-from ..experts.grouped import PLAIN
+from ..experts.activations import PLAIN
 from ..layer import MoEAux, MoELayer
 from ..routing import RouterConfig
+from .drop_in import DropInLayer
 from .groups import groups_for
-from .weights import PeerWeights, as_rank_list, load_peer_weights
+from .weights import PeerWeights, as_rank_list
 
 GATE_KEY = "gates.0.wg.weight"
 TOP_ANY_GATES = {"gated_multi_gate": False, "gated_multi_gate_t": True}  # -> trainable temperature
@@ -107,8 +107,10 @@ def our_capacity(factor: float) -> float | None:
     return None if factor == 0 else abs(factor)
 
 
-class MOELayer(nn.Module):
+class MOELayer(DropInLayer):
     """Tutel's moe_layer, running on dynmoe_dist (dropless all-to-all, dynamic experts, any gate)."""
+
+    GATE_KEY = GATE_KEY
 
     def __init__(
         self,
@@ -228,19 +230,11 @@ class MOELayer(nn.Module):
             offset += fc1.shape[0]
         return PeerWeights(gate, experts, "Tutel moe_layer state dict")
 
-    def load_tutel_state_dicts(self, state_dicts, prefix: str = "") -> None:
-        """Load Tutel weights saved at any number of ranks (per-rank dicts in rank order) at ours."""
-        load_peer_weights(self.moe, self.peer_weights(state_dicts, prefix))
+    def peer_keys(self, state_dict: dict, prefix: str) -> list[str]:
+        return [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "moe.")]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        """A Tutel-format dict (``gates.0.wg.weight``, ``experts.batched_*``) is converted; ours loads as usual."""
-        if prefix + GATE_KEY in state_dict:
-            theirs = [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "moe.")]
-            load_peer_weights(self.moe, self.peer_weights({k: state_dict[k] for k in theirs}, prefix))
-            for k in theirs:
-                del state_dict[k]
-            state_dict.update(self.moe.state_dict(prefix=prefix + "moe."))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+    # Tutel weights saved at any number of ranks (per-rank dicts in rank order)
+    load_tutel_state_dicts = DropInLayer.load_peer_state_dicts
 
 
 moe_layer = MOELayer

@@ -101,40 +101,49 @@ class ExpertParallelDispatcher:
         rows = gather_rows(x, perm)
         n_self = sum(per_source[me])
         own = [(slot, n) for slot, n in enumerate(per_source[me]) if n]
+        remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
+        rows_here = n_self + sum(recv_splits)
+
+        def dispatch(outgoing: torch.Tensor):
+            return start_all_to_all(outgoing, recv_splits, send_splits, group, f"{self.name}.dispatch.rows")
+
+        def combine(results: torch.Tensor):
+            return start_all_to_all(results, send_splits, recv_splits, group, f"{self.name}.combine.rows")
+
+        run = self.overlapped if self.overlaps(rows_here, n_local) else self.merged
+        out = combine_rows(run(rows, n_self, own, remote, experts, dispatch, combine), perm, x.shape[0])
+        traffic = Traffic(
+            assignments=plan.num_assignments,
+            rows_sent=plan.num_assignments,
+            rows_sent_off_rank=sum(send_splits),
+            rows_computed=rows_here,
+            row_bytes=x.shape[1] * x.element_size(),
+        )
+        return out, traffic
+
+    @staticmethod
+    def overlapped(rows, n_self, own, remote, experts, dispatch, combine) -> torch.Tensor:
+        """Outputs in send order; half of the own rows hides the dispatch exchange, the other half the combine."""
         half = n_self // 2
         own_first, own_second = split_segments(own, half)
-        remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
-
-        if not self.overlaps(n_self + sum(recv_splits), n_local):
-            own_rows, outgoing = rows.split([n_self, rows.shape[0] - n_self])
-            buf, flight = start_all_to_all(outgoing, recv_splits, send_splits, group, f"{self.name}.dispatch.rows")
-            local_rows = torch.cat([own_rows, finish_all_to_all(buf, flight)])
-            y_own, y_remote = experts(local_rows, own + remote).split([n_self, local_rows.shape[0] - n_self])
-            buf, flight = start_all_to_all(y_remote, send_splits, recv_splits, group, f"{self.name}.combine.rows")
-            out = combine_rows(torch.cat([y_own, finish_all_to_all(buf, flight)]), perm, x.shape[0])
-            return out, self.traffic(plan, send_splits, n_self + sum(recv_splits), x)
-        # half of the own rows hides the dispatch exchange, the other half hides the combine exchange (split, not
-        # three slices: each slice's backward would zero-fill a buffer of all the rows)
+        # split, not three slices: each slice's backward would zero-fill a buffer of all the rows
         first, second, outgoing = rows.split([half, n_self - half, rows.shape[0] - n_self])
-        buf, flight = start_all_to_all(outgoing, recv_splits, send_splits, group, f"{self.name}.dispatch.rows")
+        buf, flight = dispatch(outgoing)
         y_first = experts(first, own_first)
-        y_remote = experts(finish_all_to_all(buf, flight), remote)
-        buf, flight = start_all_to_all(y_remote, send_splits, recv_splits, group, f"{self.name}.combine.rows")
+        buf, flight = combine(experts(finish_all_to_all(buf, flight), remote))
         y_second = experts(second, own_second)
-        back = finish_all_to_all(buf, flight)
-        out = combine_rows(torch.cat([y_first, y_second, back]), perm, x.shape[0])
-        return out, self.traffic(plan, send_splits, n_self + sum(recv_splits), x)
+        return torch.cat([y_first, y_second, finish_all_to_all(buf, flight)])
+
+    @staticmethod
+    def merged(rows, n_self, own, remote, experts, dispatch, combine) -> torch.Tensor:
+        """Outputs in send order; every expert runs once on its own and received rows together."""
+        own_rows, outgoing = rows.split([n_self, rows.shape[0] - n_self])
+        buf, flight = dispatch(outgoing)
+        local_rows = torch.cat([own_rows, finish_all_to_all(buf, flight)])
+        y_own, y_remote = experts(local_rows, own + remote).split([n_self, local_rows.shape[0] - n_self])
+        buf, flight = combine(y_remote)
+        return torch.cat([y_own, finish_all_to_all(buf, flight)])
 
     def overlaps(self, rows: int, n_local: int) -> bool:
         """Overlap compute with the exchanges, or run every expert once on all its rows (see OVERLAP_MIN_ROWS)."""
         return rows >= self.overlap_min_rows * max(n_local, 1)
-
-    @staticmethod
-    def traffic(plan: RoutingPlan, send_splits: list[int], rows_computed: int, x: torch.Tensor) -> Traffic:
-        return Traffic(
-            assignments=plan.num_assignments,
-            rows_sent=plan.num_assignments,
-            rows_sent_off_rank=sum(send_splits),
-            rows_computed=rows_computed,
-            row_bytes=x.shape[1] * x.element_size(),
-        )

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import check
-from .grouped import ACTIVATIONS, grouped_ffn, is_gated
+from .activations import ACTIVATIONS, is_gated
+from .grouped import grouped_ffn
 
 
 def expert_generator(seed: int, expert_id: int) -> torch.Generator:

@@ -8,26 +8,14 @@ plain one-expert form, the reference it is tested against.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from .activations import ACTIVATIONS, GATED, PLAIN
 from .segment_ffn import GroupedFFN, merge_by_slot
 
-# plain FFNs: act(x W_in + b_in) W_out + b_out; gated ones: (act(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out
-PLAIN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-GATED: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"swiglu": F.silu, "geglu": F.gelu}
-ACTIVATIONS = (*PLAIN, *GATED)
-
-
-def is_gated(activation: str) -> bool:
-    return activation in GATED
+__all__ = ["ACTIVATIONS", "expert_ffn", "grouped_ffn"]
 
 
 def expert_ffn(
@@ -68,12 +56,8 @@ def grouped_ffn(
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(rows.dtype)
 
-    perm, merged = merge_by_slot(segments)
-    x = rows if perm is None else rows.index_select(0, perm.to(rows.device))
+    perm, merged = merge_by_slot(segments, rows.device)
+    x = rows if perm is None else rows.index_select(0, perm)
     weights = (cast(w_in), cast(w_out), cast(w_gate), cast(b.get("b_in")), cast(b.get("b_out")), cast(b.get("b_gate")))
     y = GroupedFFN.apply(x, merged, activation, *weights)
-    if perm is None:
-        return y
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel())
-    return y.index_select(0, inverse.to(rows.device))
+    return y if perm is None else torch.empty_like(y).index_copy_(0, perm, y)  # back to the callers' row order

@@ -15,32 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-aten = torch.ops.aten
-
-
-def act_forward(name: str, h: torch.Tensor) -> torch.Tensor:
-    if name == "gelu":
-        return F.gelu(h)
-    if name == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    if name == "relu":
-        return F.relu(h)
-    return F.silu(h)  # silu
-
-
-def act_backward(name: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    if name == "gelu":
-        return aten.gelu_backward(grad, h)
-    if name == "gelu_tanh":
-        return aten.gelu_backward(grad, h, approximate="tanh")
-    if name == "relu":
-        return torch.where(h > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-    return aten.silu_backward(grad, h)  # silu
-
-
-GATE_ACT = {"swiglu": "silu", "geglu": "gelu"}
+from .activations import DERIVATIVES, GATE_OF, PLAIN
 
 
 def linear_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None):
@@ -54,8 +30,8 @@ class GroupedFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, segments, activation, w_in, w_out, w_gate, b_in, b_out, b_gate):  # noqa: D102
-        gated = activation in GATE_ACT
-        act = GATE_ACT.get(activation, activation)
+        gated = activation in GATE_OF
+        act = PLAIN[GATE_OF.get(activation, activation)]
         y = x.new_empty(x.shape[0], w_out.shape[2])
         saved = []  # per non-empty segment: pre-activation, gate pre-activation (or None), activation output
         start = 0
@@ -66,9 +42,9 @@ class GroupedFFN(torch.autograd.Function):
                 h = linear_into(xs, w_in[slot], None if b_in is None else b_in[slot])
                 if gated:
                     hg = linear_into(xs, w_gate[slot], None if b_gate is None else b_gate[slot])
-                    a = act_forward(act, hg) * h
+                    a = act(hg) * h
                 else:
-                    hg, a = None, act_forward(act, h)
+                    hg, a = None, act(h)
                 linear_into(a, w_out[slot], None if b_out is None else b_out[slot], out=y[start:end])
                 saved += [h, hg, a]
             start = end
@@ -81,8 +57,9 @@ class GroupedFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
         x, w_in, w_out, w_gate, *saved = ctx.saved_tensors
-        gated = ctx.activation in GATE_ACT
-        act = GATE_ACT.get(ctx.activation, ctx.activation)
+        gated = ctx.activation in GATE_OF
+        name = GATE_OF.get(ctx.activation, ctx.activation)
+        act, act_backward = PLAIN[name], DERIVATIVES[name]
         need = ctx.needs_input_grad
         dy = dy.contiguous()
         dx = torch.empty_like(x) if need[0] else None
@@ -124,12 +101,12 @@ class GroupedFFN(torch.autograd.Function):
                 accumulate_bias(db_out, slot, first, g)
                 da = torch.mm(g, w_out[slot].t())
                 if gated:
-                    dh = da * act_forward(act, hg)
-                    dhg = act_backward(act, da * h, hg)
+                    dh = da * act(hg)
+                    dhg = act_backward(da * h, hg)
                     accumulate(dw_gate, slot, first, xs.t(), dhg)
                     accumulate_bias(db_gate, slot, first, dhg)
                 else:
-                    dh, dhg = act_backward(act, da, h), None
+                    dh, dhg = act_backward(da, h), None
                 accumulate(dw_in, slot, first, xs.t(), dh)
                 accumulate_bias(db_in, slot, first, dh)
                 if dx is not None:
@@ -155,22 +132,27 @@ class GroupedFFN(torch.autograd.Function):
         )
 
 
-def merge_by_slot(segments: Sequence[tuple[int, int]]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+def merge_by_slot(
+    segments: Sequence[tuple[int, int]], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
     """A row permutation that makes each slot's rows one segment (None when they already are), and those segments.
 
     After an all-to-all an expert's rows come in one segment per source rank; one GEMM over all of them is cheaper
-    than several (the weight-gradient GEMM's inner dimension is the segment's row count).
+    than several (the weight-gradient GEMM's inner dimension is the segment's row count). ``rows[perm]`` is in
+    merged order; the permutation is built with a handful of tensor ops, whatever the number of segments.
     """
-    slots = [s for s, n in segments if n]
+    kept = [(s, n) for s, n in segments if n]
+    slots = [s for s, _ in kept]
     if len(slots) == len(set(slots)):
-        return None, [(s, n) for s, n in segments if n]
-    starts, pos = [], 0
-    for _, n in segments:
-        starts.append(pos)
-        pos += n
-    order = sorted((i for i, (_, n) in enumerate(segments) if n), key=lambda i: segments[i][0])  # stable
-    perm = torch.cat([torch.arange(starts[i], starts[i] + segments[i][1]) for i in order])
+        return None, kept
+    lengths = torch.tensor([n for _, n in segments], dtype=torch.int64)
+    starts = torch.cumsum(lengths, 0) - lengths
+    order = torch.argsort(torch.tensor([s for s, _ in segments]), stable=True)
+    sel_len, sel_start = lengths[order], starts[order]
+    # row j of the merged order is source row sel_start[seg(j)] + (j - first row of seg(j) in merged order)
+    shift = sel_start - (torch.cumsum(sel_len, 0) - sel_len)
+    perm = torch.repeat_interleave(shift, sel_len) + torch.arange(int(lengths.sum()))
     merged: dict[int, int] = {}
-    for i in order:
-        merged[segments[i][0]] = merged.get(segments[i][0], 0) + segments[i][1]
-    return perm, list(merged.items())
+    for s, n in sorted(kept, key=lambda seg: seg[0]):
+        merged[s] = merged.get(s, 0) + n
+    return perm.to(device), list(merged.items())
