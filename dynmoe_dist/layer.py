@@ -10,6 +10,9 @@ Distributed: pass ``groups`` (parallel.build_groups) with ep_size > 1 and the ex
 expert-parallel group by a PlacementTable (contiguous blocks unless given); tokens travel by all-to-all sized by the
 real assignment counts. Every rank builds the same router and the same experts from ``seed`` (or from the global RNG,
 which all ranks must seed alike), so no broadcast is needed at start.
+
+Shared experts (``num_shared_experts``, DeepSeekMoE): always-on FFNs every token passes through, added to the
+routed output. They are dense parameters (``moe_parameters`` leaves them out) and run while the routed rows travel.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .dispatch import LocalDispatcher, apply_capacity, check_capacity_factor
 from .dispatch.expert_parallel import ExpertParallelDispatcher
 from .dispatch.traffic import Traffic
 from .errors import ConfigError, NonFiniteError, ShapeError, check
-from .experts import ExpertBank
+from .experts import ExpertBank, SharedExperts
 from .parallel.collectives import all_reduce
 from .parallel.groups import ParallelGroups
 from .placement import PlacementTable
@@ -51,6 +54,8 @@ class MoELayer(nn.Module):
         expert_bias: bool = False,
         capacity_factor: float | None = None,
         min_capacity: int = 0,
+        num_shared_experts: int = 0,
+        shared_d_ff: int | None = None,
         check_finite: bool = False,
         groups: ParallelGroups | None = None,
         placement: PlacementTable | None = None,
@@ -85,6 +90,17 @@ class MoELayer(nn.Module):
             local_ids = self.router.expert_ids.tolist()
             self.dispatcher = LocalDispatcher(PlacementTable.contiguous(local_ids, 1))
         self.experts = ExpertBank(d_model, d_ff, local_ids, activation, seed, bias=expert_bias)
+        check(
+            isinstance(num_shared_experts, int) and num_shared_experts >= 0,
+            "num_shared_experts",
+            num_shared_experts,
+            "an integer >= 0",
+        )
+        self.shared = (
+            SharedExperts(d_model, shared_d_ff or d_ff, num_shared_experts, activation, seed, expert_bias)
+            if num_shared_experts
+            else None
+        )
         self.seed = seed
         # ids are never reused: the next new expert takes this one
         self.register_buffer("next_expert_id", torch.tensor(num_experts, dtype=torch.int64))
@@ -113,7 +129,8 @@ class MoELayer(nn.Module):
         plan.stats.dropped = dropped
         if self.recorder is not None and self.training:
             self.recorder.observe(plan.stats)
-        out, traffic = self.dispatcher.run(flat, plan, self.experts)
+        alongside = (lambda: self.shared(flat)) if self.shared is not None else None
+        out, traffic = self.dispatcher.run(flat, plan, self.experts, alongside)
         if self.check_finite:
             self.assert_finite(out, "output")
         return out.view(x.shape), MoEAux(plan.aux_loss(), plan.aux_losses, plan.stats, traffic)
@@ -130,6 +147,11 @@ class MoELayer(nn.Module):
     def row_parameters(self) -> list[nn.Parameter]:
         """Parameters whose leading dimension is the expert: gate rows (by position) and expert weights (by slot)."""
         return list(self.router.row_parameters().values()) + list(self.experts.weights().values())
+
+    def moe_parameters(self) -> list[nn.Parameter]:
+        """What the MoE side owns (MoEAdam, expert-parallel sync, adaptation): the gate and the routed experts. The
+        shared experts are dense: the dense engine owns them."""
+        return list(self.router.parameters()) + list(self.experts.parameters())
 
     def install(self, table: PlacementTable, next_expert_id: int) -> None:
         """Adopt a new placement whose rows were already written into the parameters (adapt/protocol commit)."""

@@ -66,7 +66,8 @@ def case_resume(root: str, engine: tuple[str, ...], save_at: int, more: int) -> 
     got = steps(resumed, more)
     a, b = by_id(t), by_id(resumed)
     diff = max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
-    return {"expected": expected, "got": got, "same_keys": set(a) == set(b), "max_param_diff": diff}
+    shared = sum(".shared." in k for k in a)
+    return {"expected": expected, "got": got, "same_keys": set(a) == set(b), "max_param_diff": diff, "shared": shared}
 
 
 def test_resume_is_bit_identical_with_the_torch_engine_across_an_event(tmp_path: Path) -> None:
@@ -86,6 +87,19 @@ def test_resume_with_deepspeed_to_float_tolerance(tmp_path: Path, stage: int, pr
         for (la, na, _), (lb, nb, _) in zip(r["got"], r["expected"]):
             assert la == pytest.approx(lb, rel=1e-5) and na == pytest.approx(nb, rel=1e-5)
         assert r["same_keys"] and r["max_param_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_resume_with_shared_experts(tmp_path: Path, engine: str) -> None:
+    """Shared experts are dense state: saved and restored (with their optimizer state) by the dense side."""
+    stage = ("engine.zero_stage=2",) if engine == "deepspeed" else ()
+    overrides = (f"engine={engine}", *stage, "moe.num_shared_experts=2")
+    for r in dist_pool.pool(2).run(case_resume, str(tmp_path), overrides, 5, 8):
+        assert r["shared"] >= 2  # the shared weights (and their Adam moments) are among the compared tensors
+        assert [e for *_, e in r["got"]] == [e for *_, e in r["expected"]]
+        for (la, na, _), (lb, nb, _) in zip(r["got"], r["expected"]):
+            assert la == pytest.approx(lb, rel=1e-6) and na == pytest.approx(nb, rel=1e-6)
+        assert r["same_keys"] and r["max_param_diff"] < 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ def test_each_gate_preset_is_valid_and_selects_its_gate(gate: str) -> None:
     assert router_spec(cfg.moe)["kind"] == {"null_experts": "null"}.get(gate, gate)
 
 
+def test_deepseek_preset_has_fine_grained_and_shared_experts() -> None:
+    cfg = load_config(["moe=deepseek"])
+    check_config(cfg, world_size=2)
+    assert (cfg.moe.num_experts, cfg.moe.num_shared_experts, router_spec(cfg.moe)["kind"]) == (16, 2, "top_k")
+
+
 def test_default_demo_and_paper_schedule() -> None:
     demo = load_config([])
     check_config(demo, world_size=2)

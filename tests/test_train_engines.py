@@ -30,6 +30,10 @@ def case_train(engine: list[str]) -> dict:
     cfg = config(*EVENTS, f"steps={STEPS}", *engine)
     trainer = Trainer(cfg, small_corpus(), dist_pool.groups(dist.get_world_size()), torch.device("cpu"))
     seed_events(trainer.model)
+    shared = [p for layer in trainer.model.moe_layers() if layer.shared is not None for p in layer.shared.parameters()]
+    if trainer.engine.name == "deepspeed":  # shared experts are dense: DeepSpeed owns them
+        owned = {id(p) for p in trainer.engine.engine.module.parameters()}
+        assert shared and all(id(p) in owned for p in shared)
     losses, norms, events = [], [], []
     for _ in range(STEPS):
         result = trainer.train_step()
@@ -62,6 +66,21 @@ def test_deepspeed_equals_torch_engine(torch_run: list[dict], stage: int) -> Non
             assert a == pytest.approx(b, rel=1e-5, abs=1e-5), f"rank {rank} step {step + 1}: {a} vs {b}"
         for a, b in zip(ds[rank]["norms"], torch_run[rank]["norms"]):
             assert a == pytest.approx(b, rel=1e-5)
+
+
+SHARED = ["moe.num_shared_experts=2", "moe.shared_d_ff=16"]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_equals_torch_engine_with_shared_experts(stage: int) -> None:
+    """Shared experts are dense: DeepSpeed reduces and steps them, the torch engine does; the losses agree."""
+    ref = dist_pool.pool(2).run(case_train, ["engine=torch", *SHARED])
+    ds = dist_pool.pool(2).run(case_train, ["engine=deepspeed", f"engine.zero_stage={stage}", *SHARED])
+    assert any(e[3] or e[4] for e in ref[0]["events"])  # experts were added or removed around the shared ones
+    for rank in range(2):
+        assert ds[rank]["events"] == ref[rank]["events"]
+        for step, (a, b) in enumerate(zip(ds[rank]["losses"], ref[rank]["losses"])):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-5), f"rank {rank} step {step + 1}: {a} vs {b}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ the placement the planner picks. Reported: forward+backward time of each and the
 processes), rows moved per assignment (padding ratio: ours is exactly 1.0), rows computed per assignment, and
 all-to-all bytes per forward+backward. Outputs are compared first, so the timing compares the same computation.
 
+Shared experts (DeepSeekMoE): in the balanced scenario our layer also runs with ``--shared-experts`` always-on
+experts (each of d_ff), timed beside the same layer without them and the shared FFN alone. ``shared_cost_ratio`` =
+(with shared - without) / shared alone: 1.0 when they cost their full time, less when part of it hides behind the
+exchanges they overlap. On loopback with every core computing, the exchanges are short and there is little to hide.
+
 Tutel runs in two settings: capacity_factor=0 (its dropless mode; must equal ours) and capacity_factor=1.0 (drops
 routes past k * ceil(S / E) per expert; reported as the fraction of assignments dropped). Without an importable
 Tutel the Tutel columns are left out and meta says why.
@@ -67,7 +72,9 @@ def rebalanced(layer: MoELayer, x: torch.Tensor, groups, a: argparse.Namespace) 
     return MoELayer(a.d_model, a.d_ff, a.experts, router, groups=groups, placement=table, seed=0)
 
 
-def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: int, rebalance: bool = False) -> dict:
+def scenario(
+    name: str, skew: float, a: argparse.Namespace, rank: int, world: int, rebalance: bool = False, shared: int = 0
+) -> dict:
     groups = build_groups(world)
     router = {"kind": "top_k", "k": 2, "balance_weight": 0.0}
     ours = MoELayer(a.d_model, a.d_ff, a.experts, router, groups=groups, seed=0)
@@ -118,13 +125,25 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
         y, _, _ = peer(x)
         y.backward(grad)
 
+    if shared:
+        with_shared = MoELayer(a.d_model, a.d_ff, a.experts, router, groups=groups, seed=0, num_shared_experts=shared)
+
+        def run_ours_shared() -> None:
+            y, _ = with_shared(x)
+            y.backward(grad)
+
+        def run_shared_alone() -> None:
+            with_shared.shared(x).backward(grad)
+
+        fns.update({"ours_shared": run_ours_shared, "shared_alone": run_shared_alone})
+
     names = ["ours", "deepspeed", *fns]
     times = interleaved_medians({"ours": run_ours, "deepspeed": run_peer, **fns}, a.repeats)
     slowest = torch.tensor([times[n] for n in names], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
     ms = dict(zip(names, (float(v) * 1e3 for v in slowest)))
     rows_computed = [aux.traffic.rows_computed, traffic.rows_computed]
-    if fns:
+    if a.tutel:
         rows_computed.append(tutel.rows_computed)
     busiest = torch.tensor(rows_computed)
     dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
@@ -149,7 +168,17 @@ def scenario(name: str, skew: float, a: argparse.Namespace, rank: int, world: in
         "ds_capacity": traffic.capacity,
         "max_abs_diff": max_diff,
     }
-    if fns:
+    if shared:
+        added = ms["ours_shared"] - ms["ours"]
+        row.update(
+            {
+                "shared_experts": shared,
+                "shared_alone_ms": ms["shared_alone"],
+                "ours_shared_ms": ms["ours_shared"],
+                "shared_cost_ratio": added / ms["shared_alone"],
+            }
+        )
+    if a.tutel:
         row.update(
             {
                 "tutel_ms": ms["tutel"],
@@ -178,7 +207,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
         ]
         return [scenario("balanced", 0.0, s, rank, world) for s in shapes]
     return [
-        scenario("balanced", 0.0, a, rank, world),
+        scenario("balanced", 0.0, a, rank, world, shared=a.shared_experts),
         scenario("skewed", a.skew, a, rank, world),
         scenario("skewed+rebalanced", a.skew, a, rank, world, rebalance=True),
     ]
@@ -188,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench expert_parallel", description=__doc__)
     add_shape_args(p, repeats=20)
     p.add_argument("--no-tutel", dest="tutel", action="store_false", help="leave the Tutel peer out")
+    p.add_argument("--shared-experts", type=int, default=1, help="shared experts timed in the balanced scenario")
     p.add_argument(
         "--sweep", action="store_true", help="balanced routing at 8-128 experts, d 256 and 512 (bench layer)"
     )
@@ -221,5 +251,6 @@ def main(argv: list[str] | None = None) -> None:
         "ds_a2a_MB",
         "max_abs_diff",
         *(TUTEL_COLUMNS if tutel_ok else []),
+        *(["shared_alone_ms", "ours_shared_ms", "shared_cost_ratio"] if a.shared_experts and not a.sweep else []),
     ]
     emit("expert_parallel_sweep" if a.sweep else "expert_parallel", rows, cols, meta, a.json)

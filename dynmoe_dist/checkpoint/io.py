@@ -227,7 +227,7 @@ def compatibility(manifest: Manifest, model: nn.Module) -> list[str]:
     """What in the checkpoint does not fit ``model``: dense parameters by name and shape, MoE layers and experts."""
     problems = []
     layers = {layer.name: layer for layer in moe_layers(model)}
-    moe_ids = {id(p) for layer in layers.values() for p in layer.parameters()}
+    moe_ids = {id(p) for layer in layers.values() for p in layer.moe_parameters()}
     dense = {n: p for n, p in model.named_parameters() if id(p) not in moe_ids}
     saved = {k[len("dense/") :]: v for k, v in manifest.tensors.items() if k.startswith("dense/") and "@" not in k}
     if saved:  # a checkpoint written without dense state (library use) is not checked against dense parameters

@@ -2,6 +2,7 @@
 
     sort assignments: this rank's own experts first, then by (owner rank, slot)
     all-to-all of per-(destination, slot) counts          -> every rank knows what it will receive
+    (with shared experts: they run while the rows for other ranks travel, whichever mode below)
     with many rows per local expert (>= OVERLAP_MIN_ROWS), overlap:
     start the all-to-all of the rows for other ranks      -> uneven split sizes, the row count of each peer
       meanwhile: experts on the first half of the own rows -> communication hidden behind compute
@@ -18,6 +19,8 @@ no MAX all-reduce, and rows a rank routes to itself never touch the network.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -82,7 +85,15 @@ class ExpertParallelDispatcher:
             self._keys[device] = (table.dispatch_index.to(device), order.to(device))
         return self._keys[device]
 
-    def run(self, x: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> tuple[torch.Tensor, Traffic]:
+    def run(
+        self,
+        x: torch.Tensor,
+        plan: RoutingPlan,
+        experts: ExpertBank,
+        alongside: Callable[[], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, Traffic]:
+        """``alongside``: the [S, d] output of an undispatched FFN of the same tokens (shared experts), added to the
+        combine; it runs while the dispatch exchange is in flight, and its backward while the gradients travel."""
         table = self.placement
         world, me, group = self.groups.ep_size, self.groups.ep_rank, self.groups.ep_group
         per_rank, bounds = list(table.rank_sizes), table.rank_offsets
@@ -104,14 +115,20 @@ class ExpertParallelDispatcher:
         remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
         rows_here = n_self + sum(recv_splits)
 
+        side: list[torch.Tensor] = []
+
         def dispatch(outgoing: torch.Tensor):
-            return start_all_to_all(outgoing, recv_splits, send_splits, group, f"{self.name}.dispatch.rows")
+            started = start_all_to_all(outgoing, recv_splits, send_splits, group, f"{self.name}.dispatch.rows")
+            if alongside is not None:
+                side.append(alongside())
+            return started
 
         def combine(results: torch.Tensor):
             return start_all_to_all(results, send_splits, recv_splits, group, f"{self.name}.combine.rows")
 
         run = self.overlapped if self.overlaps(rows_here, n_local) else self.merged
-        out = combine_rows(run(rows, n_self, own, remote, experts, dispatch, combine), perm, x.shape[0])
+        y = run(rows, n_self, own, remote, experts, dispatch, combine)
+        out = combine_rows(y, perm, x.shape[0], side[0] if side else None)
         traffic = Traffic(
             assignments=plan.num_assignments,
             rows_sent=plan.num_assignments,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..experts import ExpertBank
@@ -20,8 +22,16 @@ class LocalDispatcher:
         perm = sort_by_expert(plan.token, plan.expert, plan.weight, plan.num_experts)
         return gather_rows(x, perm), list(enumerate(perm.counts_list())), perm
 
-    def run(self, x: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> tuple[torch.Tensor, Traffic]:
+    def run(
+        self,
+        x: torch.Tensor,
+        plan: RoutingPlan,
+        experts: ExpertBank,
+        alongside: Callable[[], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, Traffic]:
+        """``alongside``: the [S, d] output of an undispatched FFN of the same tokens (shared experts), added."""
         rows, segments, perm = self.segments(x, plan)
-        out = combine_rows(experts(rows, segments), perm, x.shape[0])
+        base = alongside() if alongside is not None else None
+        out = combine_rows(experts(rows, segments), perm, x.shape[0], base)
         a = plan.num_assignments
         return out, Traffic(a, a, 0, a, x.shape[1] * x.element_size())

@@ -1,6 +1,7 @@
-"""Expert banks: stacked weights, grouped matmul over contiguous segments."""
+"""Expert banks: stacked weights, grouped matmul over contiguous segments; shared (always-on) experts."""
 
 from .bank import ExpertBank
 from .grouped import ACTIVATIONS, expert_ffn, grouped_ffn
+from .shared import SharedExperts
 
-__all__ = ["ACTIVATIONS", "ExpertBank", "expert_ffn", "grouped_ffn"]
+__all__ = ["ACTIVATIONS", "ExpertBank", "SharedExperts", "expert_ffn", "grouped_ffn"]

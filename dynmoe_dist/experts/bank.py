@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import check
 from .activations import ACTIVATIONS, is_gated
-from .grouped import grouped_ffn
+from .grouped import GEMMS, grouped_ffn
 
 
 def expert_generator(seed: int, expert_id: int) -> torch.Generator:
@@ -29,9 +29,12 @@ class ExpertBank(nn.Module):
         activation: str = "gelu",
         seed: int = 0,
         bias: bool = False,
+        gemm: str = "auto",
     ) -> None:
         super().__init__()
         check(activation in ACTIVATIONS, "expert activation", activation, " or ".join(ACTIVATIONS))
+        check(gemm in GEMMS, "expert gemm", gemm, " or ".join(GEMMS))
+        self.gemm = gemm  # auto: CUDA grouped GEMM where it serves (bf16, SM80+), else the segment loop
         check(isinstance(d_ff, int) and d_ff >= 1, "d_ff", d_ff, "an integer >= 1")
         ids = torch.as_tensor(expert_ids, dtype=torch.int64).reshape(-1)
         self.d_model, self.d_ff, self.activation, self.bias = d_model, d_ff, activation, bias
@@ -81,4 +84,4 @@ class ExpertBank(nn.Module):
     def forward(self, rows: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
         """``segments`` = [(local slot, rows), ...] in row order."""
         biases = {k: v for k, v in self.weights().items() if k.startswith("b_")}
-        return grouped_ffn(rows, segments, self.w_in, self.w_out, self.w_gate, self.activation, biases)
+        return grouped_ffn(rows, segments, self.w_in, self.w_out, self.w_gate, self.activation, biases, self.gemm)

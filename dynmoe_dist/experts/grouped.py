@@ -2,8 +2,11 @@
 
 Rows arrive as contiguous segments, each tagged with its local expert slot (one per expert on a single process; one
 per (source rank, expert) after an all-to-all). No padding, no [E, capacity, d] buffer: cost is proportional to the
-number of rows, whatever their split. The compute is one autograd function (segment_ffn.py); ``expert_ffn`` is the
-plain one-expert form, the reference it is tested against.
+number of rows, whatever their split. Two ways to compute, the same function (``gemm``):
+- ``loop``: one autograd function over the segments (segment_ffn.py), any device and dtype;
+- ``grouped_mm``: one grouped GEMM per weight for all experts (grouped_gemm.py), CUDA bf16 on SM80+;
+- ``auto`` (the default): ``grouped_mm`` where the CUDA kernel serves the rows, otherwise ``loop``.
+``expert_ffn`` is the plain one-expert form, the reference both are tested against.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from collections.abc import Sequence
 import torch
 
 from .activations import ACTIVATIONS, GATED, PLAIN
+from .grouped_gemm import grouped_gemm_available, grouped_gemm_ffn
 from .segment_ffn import GroupedFFN, merge_by_slot
 
-__all__ = ["ACTIVATIONS", "expert_ffn", "grouped_ffn"]
+__all__ = ["ACTIVATIONS", "GEMMS", "expert_ffn", "grouped_ffn"]
+
+GEMMS = ("auto", "loop", "grouped_mm")
 
 
 def expert_ffn(
@@ -42,11 +48,13 @@ def grouped_ffn(
     w_gate: torch.Tensor | None = None,
     activation: str | None = None,
     biases: dict[str, torch.Tensor] | None = None,
+    gemm: str = "auto",
 ) -> torch.Tensor:
     """``segments`` = [(slot, n), ...] in row order: the next n rows go through expert ``slot``.
 
     ``activation`` defaults to GELU, or SwiGLU when ``w_gate`` is given; ``biases`` holds stacked b_in/b_gate/b_out.
-    A slot's rows spread over several segments are gathered into one (a row permutation) before the experts run.
+    A slot's rows spread over several segments are gathered into one, in slot order (a row permutation), before the
+    experts run. ``gemm``: see the module docstring.
     """
     activation = activation or ("swiglu" if w_gate is not None else "gelu")
     b = biases or {}
@@ -59,5 +67,11 @@ def grouped_ffn(
     perm, merged = merge_by_slot(segments, rows.device)
     x = rows if perm is None else rows.index_select(0, perm)
     weights = (cast(w_in), cast(w_out), cast(w_gate), cast(b.get("b_in")), cast(b.get("b_out")), cast(b.get("b_gate")))
-    y = GroupedFFN.apply(x, merged, activation, *weights)
+    if gemm == "grouped_mm" or (gemm == "auto" and grouped_gemm_available(x, w_in)):
+        counts = [0] * w_in.shape[0]
+        for slot, n in merged:
+            counts[slot] = n
+        y = grouped_gemm_ffn(x, counts, activation, *weights)
+    else:
+        y = GroupedFFN.apply(x, merged, activation, *weights)
     return y if perm is None else torch.empty_like(y).index_copy_(0, perm, y)  # back to the callers' row order

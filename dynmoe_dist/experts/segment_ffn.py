@@ -135,15 +135,17 @@ class GroupedFFN(torch.autograd.Function):
 def merge_by_slot(
     segments: Sequence[tuple[int, int]], device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
-    """A row permutation that makes each slot's rows one segment (None when they already are), and those segments.
+    """A row permutation that makes each slot's rows one segment, in slot order (None when they already are), and
+    those segments.
 
     After an all-to-all an expert's rows come in one segment per source rank; one GEMM over all of them is cheaper
-    than several (the weight-gradient GEMM's inner dimension is the segment's row count). ``rows[perm]`` is in
-    merged order; the permutation is built with a handful of tensor ops, whatever the number of segments.
+    than several (the weight-gradient GEMM's inner dimension is the segment's row count), and a grouped GEMM takes
+    the groups in slot order. ``rows[perm]`` is in merged order; the permutation is built with a handful of tensor
+    ops, whatever the number of segments.
     """
     kept = [(s, n) for s, n in segments if n]
     slots = [s for s, _ in kept]
-    if len(slots) == len(set(slots)):
+    if all(a < b for a, b in zip(slots, slots[1:])):
         return None, kept
     lengths = torch.tensor([n for _, n in segments], dtype=torch.int64)
     starts = torch.cumsum(lengths, 0) - lengths

@@ -81,6 +81,8 @@ class MoESettings:
     d_ff: Optional[int] = None  # expert hidden size; None: model.d_ff
     activation: str = "gelu"  # gelu | swiglu
     capacity_factor: Optional[float] = None  # None: dropless
+    num_shared_experts: int = 0  # DeepSeekMoE's always-on experts, dense parameters (never adapted)
+    shared_d_ff: Optional[int] = None  # hidden size of each shared expert; None: the routed experts' d_ff
     check_finite: bool = False
     router: RouterOptions = field(default_factory=RouterOptions)  # type: ignore[valid-type]
 
@@ -333,6 +335,9 @@ def check_config(cfg: Any, world_size: int, launcher: str = "single") -> None:
         check(d.path is not None, "data.path", None, f"a path to the {d.source} data (data.source={d.source})")
     if moe.d_ff is not None:
         check(moe.d_ff > 0, "moe.d_ff", moe.d_ff, "an integer > 0 or null (model.d_ff)")
+    check(moe.num_shared_experts >= 0, "moe.num_shared_experts", moe.num_shared_experts, "an integer >= 0")
+    if moe.shared_d_ff is not None:
+        check(moe.shared_d_ff > 0, "moe.shared_d_ff", moe.shared_d_ff, "an integer > 0 or null (the experts' d_ff)")
     if moe.capacity_factor is not None:
         check(moe.capacity_factor > 0, "moe.capacity_factor", moe.capacity_factor, "null (dropless) or > 0")
 

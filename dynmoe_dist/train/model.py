@@ -137,6 +137,8 @@ class Transformer(nn.Module):
                     router=spec,
                     activation=moe.activation,
                     capacity_factor=moe.capacity_factor,
+                    num_shared_experts=moe.num_shared_experts,
+                    shared_d_ff=moe.shared_d_ff,
                     check_finite=moe.check_finite,
                     groups=groups,
                     seed=seed * 1000 + i,  # the same experts on every rank, wherever they are placed

@@ -24,10 +24,10 @@ def dense_submodules(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.M
     """The largest submodules of ``model`` that contain no ``MoELayer``, by dotted name.
 
     A module that holds an MoE layer is split into its children; a parameter held directly by such a module would be
-    neither dense-owned nor MoE-owned, so it is refused.
+    neither dense-owned nor MoE-owned, so it is refused. An MoE layer's shared experts are dense.
     """
     if isinstance(model, MoELayer):
-        return []
+        return [(f"{prefix}shared", model.shared)] if model.shared is not None else []
     if not _has_moe(model):
         return [(prefix.rstrip("."), model)]
     own = [name for name, _ in model.named_parameters(recurse=False)]
