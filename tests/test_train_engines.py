@@ -33,14 +33,14 @@ def case_train(engine: list[str]) -> dict:
     shared = [p for layer in trainer.model.moe_layers() if layer.shared is not None for p in layer.shared.parameters()]
     if trainer.engine.name == "deepspeed":  # shared experts are dense: DeepSpeed owns them
         owned = {id(p) for p in trainer.engine.engine.module.parameters()}
-        assert shared and all(id(p) in owned for p in shared)
+        assert all(id(p) in owned for p in shared)
     losses, norms, events = [], [], []
     for _ in range(STEPS):
         result = trainer.train_step()
         losses.append(result.loss)
         norms.append(result.grad_norm)
         events += [(e.step, e.layer, e.kind, e.added, e.removed, e.moved) for e in result.events if e.committed]
-    return {"losses": losses, "norms": norms, "events": events}
+    return {"losses": losses, "norms": norms, "events": events, "shared": len(shared)}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,7 @@ def test_deepspeed_equals_torch_engine_with_shared_experts(stage: int) -> None:
     """Shared experts are dense: DeepSpeed reduces and steps them, the torch engine does; the losses agree."""
     ref = dist_pool.pool(2).run(case_train, ["engine=torch", *SHARED])
     ds = dist_pool.pool(2).run(case_train, ["engine=deepspeed", f"engine.zero_stage={stage}", *SHARED])
+    assert ds[0]["shared"] == ref[0]["shared"] == 2 * 1  # w_in, w_out in the tiny model's one MoE block
     assert any(e[3] or e[4] for e in ref[0]["events"])  # experts were added or removed around the shared ones
     for rank in range(2):
         assert ds[rank]["events"] == ref[rank]["events"]

@@ -3,7 +3,9 @@
 * the experts' floor: the same expert matmuls alone (``layer / experts``: everything above 1.0 is routing,
   permutation and combine; DESIGN.md section 8);
 * the dense floor: one dense FFN of the same sizes over the same number of rows, one matmul chain (``experts /
-  dense``: what splitting the rows among many small experts costs; the GEMM floor fine-grained experts aim at).
+  dense``: what splitting the rows among many small experts costs; the GEMM floor fine-grained experts aim at);
+* a padded batched matmul (``padded_bmm / dense``): the experts as one bmm over [experts, largest count, d], what
+  capacity-based layers compute; its rows per assignment (``bmm_padding``) is the largest expert's count over the mean.
 
 ``--sweep`` runs the granularity sweep (8, 32, 64 and 128 experts; d 256 and 512; top-2), one row per shape.
 """
@@ -42,9 +44,33 @@ def dense_floor(rows: int, d: int, d_ff: int, activation: str):
     grad = torch.randn(rows, d, generator=g)
 
     def step() -> None:
+        x.grad = w_in.grad = w_out.grad = None
+        if w_gate is not None:
+            w_gate.grad = None
         h = x @ w_in
         h = GATED[activation](x @ w_gate) * h if w_gate is not None else PLAIN[activation](h)
         (h @ w_out).backward(grad)
+
+    return step
+
+
+def padded_bmm(counts: list[int], d: int, d_ff: int, activation: str):
+    """forward+backward of the experts as one batched matmul chain over [E, max(counts), d] (padding computed)."""
+    g = torch.Generator().manual_seed(2)
+    e, cap = len(counts), max(counts)
+    x = torch.randn(e, cap, d, generator=g, requires_grad=True)
+    w_in = (torch.randn(e, d, d_ff, generator=g) * d**-0.5).requires_grad_()
+    w_out = (torch.randn(e, d_ff, d, generator=g) * d_ff**-0.5).requires_grad_()
+    w_gate = (torch.randn(e, d, d_ff, generator=g) * d**-0.5).requires_grad_() if activation in GATED else None
+    grad = torch.randn(e, cap, d, generator=g)
+
+    def step() -> None:
+        x.grad = w_in.grad = w_out.grad = None
+        if w_gate is not None:
+            w_gate.grad = None
+        h = torch.bmm(x, w_in)
+        h = GATED[activation](torch.bmm(x, w_gate)) * h if w_gate is not None else PLAIN[activation](h)
+        torch.bmm(h, w_out).backward(grad)
 
     return step
 
@@ -62,14 +88,27 @@ def measure(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation:
     rows = rows.detach().requires_grad_(True)
     grad_rows = torch.randn_like(rows)
 
+    # every step starts from no gradients, as a training step after zero_grad(set_to_none=True) does: accumulating
+    # into existing gradients would charge the experts (128x the dense FFN's parameters at 128 experts) an extra
+    # read-add-write of their whole gradient that a training step does not pay
     def layer_step() -> None:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
         y, aux = layer(x)
         torch.autograd.backward([y, aux.loss], [grad_out, torch.ones(())])
 
     def experts_only() -> None:
+        rows.grad = None
+        layer.experts.zero_grad(set_to_none=True)
         layer.experts(rows, segments).backward(grad_rows)
 
-    steps = {"layer": layer_step, "experts": experts_only, "dense": dense_floor(rows.shape[0], d, d_ff, activation)}
+    counts = [n for _, n in segments]
+    steps = {
+        "layer": layer_step,
+        "experts": experts_only,
+        "dense": dense_floor(rows.shape[0], d, d_ff, activation),
+        "padded_bmm": padded_bmm(counts, d, d_ff, activation),
+    }
     times = interleaved_medians(steps, repeats)
     layer.zero_grad(set_to_none=True)
     return {
@@ -87,6 +126,8 @@ def measure(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation:
         "overhead_ratio": times["layer"] / times["experts"],
         "experts_over_dense": times["experts"] / times["dense"],
         "layer_over_dense": times["layer"] / times["dense"],
+        "padded_bmm_over_dense": times["padded_bmm"] / times["dense"],
+        "bmm_padding": max(counts) * len(counts) / max(sum(counts), 1),
         "floor_target": FLOOR_TARGETS.get(experts),
     }
 
@@ -132,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         "overhead_ratio",
         "experts_over_dense",
         "layer_over_dense",
+        "padded_bmm_over_dense",
+        "bmm_padding",
         "floor_target",
     ]
     emit("layer_sweep" if a.sweep else "layer", rows, cols, meta, a.json)

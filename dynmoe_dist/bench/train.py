@@ -12,6 +12,11 @@
     world in one flat all-reduce, the experts' (marked ``_tutel_expert``) left local, one global norm for clipping.
     (DeepSpeed's engine cannot hold Tutel's experts: it only knows expert parameters of its own MoE layers.)
 (g) ``tutel_cf1``: the same at capacity factor 1.0.
+(h) ``ours_top2_rebalanced``: (a) with the control plane on for placement only (expert count fixed, rebalance threshold
+    1.05): the recording window closes at the end of the warmup steps and the planner moves experts (weights and
+    optimizer state) so that both ranks compute about as many rows; the timed steps then run on that placement.
+    DeepSpeed and Tutel place experts in fixed blocks; this is what a dropless layer can do about an uneven load
+    instead of dropping it. The event's own cost is not in the step times (``bench adapt`` measures it).
 
 Routing right after initialisation is far from what training sees for most of its steps (byte-level data sends whole
 byte classes to the same experts until the balance loss spreads them), so the top-2 variants start from one warm
@@ -52,12 +57,14 @@ VARIANTS = {
     "deepspeed_cf1": ["moe=top_k"],
     "ours_top2_cf1": ["moe=top_k", "moe.capacity_factor=1.0"],
     "ours_top_any": ["moe=top_any"],
+    "ours_top2_rebalanced": ["moe=top_k"],
     "tutel_dropless": ["moe=top_k"],
     "tutel_cf1": ["moe=top_k"],
 }
 TUTEL_VARIANTS = ("tutel_dropless", "tutel_cf1")
 # start from the warm top-2 weights
-WARM = ("ours_top2", "deepspeed_dropless", "deepspeed_cf1", "ours_top2_cf1", *TUTEL_VARIANTS)
+WARM = ("ours_top2", "deepspeed_dropless", "deepspeed_cf1", "ours_top2_cf1", "ours_top2_rebalanced", *TUTEL_VARIANTS)
+REBALANCE_THRESHOLD = 1.05  # (h): max / mean rank load above which the planner moves experts
 # (numerator, denominator, target) of the reported time ratios; the first two are the training issue's targets
 RATIOS = (
     ("ours_top2", "deepspeed_dropless", 0.85),
@@ -66,7 +73,23 @@ RATIOS = (
     ("ours_top2", "tutel_dropless", 0.85),
     ("ours_top2", "tutel_cf1", 1.0),
     ("ours_top2_cf1", "tutel_cf1", 1.0),
+    ("ours_top2_rebalanced", "deepspeed_cf1", 1.0),
+    ("ours_top2_rebalanced", "deepspeed_dropless", 0.85),
 )
+
+
+def adapt_overrides(a: argparse.Namespace, variant: str) -> list[str]:
+    """Adaptation off, except (h): placement only, one window over the warmup steps, none after it."""
+    if variant != "ours_top2_rebalanced":
+        return ["adapt=off"]
+    return [
+        f"adapt.record_steps={a.warmup}",
+        f"adapt.idle_steps={a.steps + 1}",
+        f"adapt.min_experts={a.experts}",
+        f"adapt.max_experts={a.experts}",
+        f"adapt.rebalance_threshold={REBALANCE_THRESHOLD}",
+        "adapt.tolerance=0.0",
+    ]
 
 
 def overrides(a: argparse.Namespace, variant: str) -> list[str]:
@@ -83,7 +106,7 @@ def overrides(a: argparse.Namespace, variant: str) -> list[str]:
         f"data.seq_len={a.seq_len}",
         f"data.batch_size={a.batch}",
         f"steps={a.warm_steps + a.warmup + a.steps}",
-        "adapt=off",
+        *adapt_overrides(a, variant),
         "engine=deepspeed",
         "engine.precision=fp32",
         "logging.wandb=disabled",
@@ -359,12 +382,16 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
     for m in runner.model.modules():
         if isinstance(m, PEER_BLOCKS):
             m.counts.zero_()
-    times, busiest = [], []
+    times, busiest, moved = [], [], 0
     for step in range(a.warmup + a.steps):
         rows.clear()
         dist.barrier()
         t0 = time.perf_counter()
-        runner.train_step()
+        result = runner.train_step()
+        events = getattr(result, "events", [])
+        moved += sum(len(e.moved) for e in events if e.committed)
+        if step >= a.warmup and events:
+            raise RuntimeError(f"{a.variant}: an adaptation event in a timed step ({events[0]})")
         elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
         if rows:  # per layer: the busiest rank's rows over the mean rank's
@@ -383,6 +410,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
     tokens = a.batch * a.seq_len * world
     row = {"variant": a.variant, "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mem_mb": float(memory)}
     row["busiest_rank_rows_over_mean"] = statistics.mean(busiest[a.warmup :]) if busiest else float("nan")
+    row["experts_moved"] = moved
     if not busiest:
         counts = sum(m.counts for m in runner.model.modules() if isinstance(m, PEER_BLOCKS))
     dist.all_reduce(counts)
@@ -451,5 +479,6 @@ def main(argv: list[str] | None = None) -> None:
         "ratios": ratios,
     }
     cols = ["variant", "ms_per_step", "tokens_per_s", "peak_mem_mb", "busiest_rank_rows_over_mean", "dropped_share"]
+    cols.append("experts_moved")
     print(format_table(ratios, ["ratio", "time_ratio", "target"]))
     emit("train", rows, [*cols, "first_loss"], meta, a.json)

@@ -1,0 +1,37 @@
+"""The benchmark commands run and report what their docs promise, at tiny shapes (``make bench`` is not in CI).
+
+No timing is asserted: the numbers at these shapes mean nothing. What must hold: every documented column is there,
+and the peers computed what ours computed (the benchmarks compare outputs before they time anything).
+"""
+
+from __future__ import annotations
+
+import json
+
+from dynmoe_dist.bench import expert_parallel, layer
+
+
+def last_json(out: str) -> dict:
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+
+
+def test_bench_layer_reports_both_floors(capsys):
+    layer.main(["--tokens", "64", "--d-model", "16", "--d-ff", "32", "--experts", "4", "--repeats", "1"])
+    doc = last_json(capsys.readouterr().out)
+    assert [r["gate"] for r in doc["results"]] == ["top2", "top_any"]
+    for r in doc["results"]:
+        for key in ("overhead_ratio", "experts_over_dense", "layer_over_dense", "padded_bmm_over_dense"):
+            assert r[key] > 0, key
+        assert r["bmm_padding"] >= 1.0
+
+
+def test_bench_expert_parallel_runs_with_shared_experts(capsys):
+    args = ["--tokens", "64", "--d-model", "16", "--d-ff", "32", "--repeats", "1", "--no-tutel"]
+    expert_parallel.main([*args, "--shared-experts", "2"])
+    doc = last_json(capsys.readouterr().out)
+    balanced, *skewed = doc["results"]
+    assert [r["scenario"] for r in doc["results"]] == ["balanced", "skewed", "skewed+rebalanced"]
+    assert balanced["shared_experts"] == 2 and balanced["shared_alone_ms"] > 0 and "shared_cost_ratio" in balanced
+    for r in doc["results"]:
+        assert r["max_abs_diff"] < 1e-4  # DeepSpeed computed what ours did
+        assert r["ours_rows_sent_per_assignment"] == 1.0
