@@ -45,9 +45,7 @@ def shared_reference(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
 
 def routed_only(layer: MoELayer) -> MoELayer:
     """The same layer without its shared experts (same seed: same gate, same routed experts)."""
-    twin = MoELayer(
-        D, FF, E, layer.router.cfg, layer.experts.activation, layer.experts.bias, seed=layer.seed
-    ).double()
+    twin = MoELayer(D, FF, E, layer.router.cfg, layer.experts.activation, layer.experts.bias, seed=layer.seed).double()
     twin.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("shared.")})
     return twin
 
@@ -160,7 +158,9 @@ def case_adaptation_leaves_shared_experts_alone() -> dict:
     objects = [id(p) for p in layer.shared.parameters()]
     events, unchanged = [], []
     for step in range(4):
-        x = torch.randn(16, D, generator=torch.Generator().manual_seed(step * 10 + dist.get_rank()), dtype=torch.float64)
+        x = torch.randn(
+            16, D, generator=torch.Generator().manual_seed(step * 10 + dist.get_rank()), dtype=torch.float64
+        )
         y, aux = layer(x)
         ((y**2).sum() + aux.loss).backward()
         sync_gradients(layer, groups)

@@ -34,9 +34,7 @@ def gather_rows(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
     return x.index_select(0, perm.token)
 
 
-def combine_rows(
-    y: torch.Tensor, perm: Permutation, num_tokens: int, base: torch.Tensor | None = None
-) -> torch.Tensor:
+def combine_rows(y: torch.Tensor, perm: Permutation, num_tokens: int, base: torch.Tensor | None = None) -> torch.Tensor:
     """[A, d] expert outputs -> [S, d]: weighted sum per token (index_add), added to ``base`` ([S, d], e.g. the
     shared experts' output) or to zeros; tokens with k = 0 get ``base`` (or 0)."""
     out = y.new_zeros(num_tokens, y.shape[-1]) if base is None else base.to(y.dtype)
