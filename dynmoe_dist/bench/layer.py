@@ -34,43 +34,24 @@ def sweep_shapes() -> list[tuple[int, int, int]]:
     return [(e, d, 4 * d if e == 8 else 2 * d) for e in SWEEP_EXPERTS for d in SWEEP_D]
 
 
-def dense_floor(rows: int, d: int, d_ff: int, activation: str):
-    """forward+backward of one dense FFN over ``rows`` rows: the same FLOPs as the experts, in one matmul chain."""
+def ffn_chain(rows: int, d: int, d_ff: int, activation: str, groups: int | None = None):
+    """forward+backward of one FFN matmul chain: over [rows, d] with one set of weights (the dense floor: the experts'
+    FLOPs in one chain), or over [groups, rows, d] with a set per group (a batched matmul, ``torch.matmul`` = bmm)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(rows, d, generator=g, requires_grad=True)
-    w_in = (torch.randn(d, d_ff, generator=g) * d**-0.5).requires_grad_()
-    w_out = (torch.randn(d_ff, d, generator=g) * d_ff**-0.5).requires_grad_()
-    w_gate = (torch.randn(d, d_ff, generator=g) * d**-0.5).requires_grad_() if activation in GATED else None
-    grad = torch.randn(rows, d, generator=g)
+    lead = () if groups is None else (groups,)
+    x = torch.randn(*lead, rows, d, generator=g, requires_grad=True)
+    w_in = (torch.randn(*lead, d, d_ff, generator=g) * d**-0.5).requires_grad_()
+    w_out = (torch.randn(*lead, d_ff, d, generator=g) * d_ff**-0.5).requires_grad_()
+    w_gate = (torch.randn(*lead, d, d_ff, generator=g) * d**-0.5).requires_grad_() if activation in GATED else None
+    grad = torch.randn(*lead, rows, d, generator=g)
+    leaves = [t for t in (x, w_in, w_out, w_gate) if t is not None]
 
     def step() -> None:
-        x.grad = w_in.grad = w_out.grad = None
-        if w_gate is not None:
-            w_gate.grad = None
+        for t in leaves:
+            t.grad = None
         h = x @ w_in
         h = GATED[activation](x @ w_gate) * h if w_gate is not None else PLAIN[activation](h)
         (h @ w_out).backward(grad)
-
-    return step
-
-
-def padded_bmm(counts: list[int], d: int, d_ff: int, activation: str):
-    """forward+backward of the experts as one batched matmul chain over [E, max(counts), d] (padding computed)."""
-    g = torch.Generator().manual_seed(2)
-    e, cap = len(counts), max(counts)
-    x = torch.randn(e, cap, d, generator=g, requires_grad=True)
-    w_in = (torch.randn(e, d, d_ff, generator=g) * d**-0.5).requires_grad_()
-    w_out = (torch.randn(e, d_ff, d, generator=g) * d_ff**-0.5).requires_grad_()
-    w_gate = (torch.randn(e, d, d_ff, generator=g) * d**-0.5).requires_grad_() if activation in GATED else None
-    grad = torch.randn(e, cap, d, generator=g)
-
-    def step() -> None:
-        x.grad = w_in.grad = w_out.grad = None
-        if w_gate is not None:
-            w_gate.grad = None
-        h = torch.bmm(x, w_in)
-        h = GATED[activation](torch.bmm(x, w_gate)) * h if w_gate is not None else PLAIN[activation](h)
-        torch.bmm(h, w_out).backward(grad)
 
     return step
 
@@ -106,8 +87,8 @@ def measure(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation:
     steps = {
         "layer": layer_step,
         "experts": experts_only,
-        "dense": dense_floor(rows.shape[0], d, d_ff, activation),
-        "padded_bmm": padded_bmm(counts, d, d_ff, activation),
+        "dense": ffn_chain(rows.shape[0], d, d_ff, activation),
+        "padded_bmm": ffn_chain(max(counts), d, d_ff, activation, groups=len(counts)),  # [E, largest count, d]
     }
     times = interleaved_medians(steps, repeats)
     layer.zero_grad(set_to_none=True)

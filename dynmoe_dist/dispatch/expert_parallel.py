@@ -115,12 +115,13 @@ class ExpertParallelDispatcher:
         remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
         rows_here = n_self + sum(recv_splits)
 
-        side: list[torch.Tensor] = []
+        base = None  # alongside's output, computed while the dispatch exchange travels
 
         def dispatch(outgoing: torch.Tensor):
+            nonlocal base
             started = start_all_to_all(outgoing, recv_splits, send_splits, group, f"{self.name}.dispatch.rows")
             if alongside is not None:
-                side.append(alongside())
+                base = alongside()
             return started
 
         def combine(results: torch.Tensor):
@@ -128,7 +129,7 @@ class ExpertParallelDispatcher:
 
         run = self.overlapped if self.overlaps(rows_here, n_local) else self.merged
         y = run(rows, n_self, own, remote, experts, dispatch, combine)
-        out = combine_rows(y, perm, x.shape[0], side[0] if side else None)
+        out = combine_rows(y, perm, x.shape[0], base)
         traffic = Traffic(
             assignments=plan.num_assignments,
             rows_sent=plan.num_assignments,

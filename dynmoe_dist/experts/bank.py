@@ -34,10 +34,10 @@ class ExpertBank(nn.Module):
         super().__init__()
         check(activation in ACTIVATIONS, "expert activation", activation, " or ".join(ACTIVATIONS))
         check(gemm in GEMMS, "expert gemm", gemm, " or ".join(GEMMS))
-        self.gemm = gemm  # auto: CUDA grouped GEMM where it serves (bf16, SM80+), else the segment loop
         check(isinstance(d_ff, int) and d_ff >= 1, "d_ff", d_ff, "an integer >= 1")
         ids = torch.as_tensor(expert_ids, dtype=torch.int64).reshape(-1)
         self.d_model, self.d_ff, self.activation, self.bias = d_model, d_ff, activation, bias
+        self.gemm = gemm  # auto: CUDA grouped GEMM where it serves (bf16, SM80+), else the segment loop
         self.register_buffer("expert_ids", ids.clone())
         n = ids.numel()
         gated = is_gated(activation)
