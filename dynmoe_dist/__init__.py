@@ -1,5 +1,6 @@
 """dynmoe_dist: distributed expert-parallel Mixture-of-Experts with dynamic experts."""
 
+from . import _allocator  # noqa: F401  first: turns on torch's huge-page CPU allocation before torch allocates
 from .errors import ConfigError, DynMoEError, NonFiniteError, ShapeError
 from .layer import MoEAux, MoELayer
 

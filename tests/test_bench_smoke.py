@@ -7,6 +7,7 @@ and the peers computed what ours computed (the benchmarks compare outputs before
 from __future__ import annotations
 
 import json
+import os
 
 from dynmoe_dist.bench import expert_parallel, layer
 
@@ -19,6 +20,8 @@ def test_bench_layer_reports_both_floors(capsys):
     layer.main(["--tokens", "64", "--d-model", "16", "--d-ff", "32", "--experts", "4", "--repeats", "1"])
     doc = last_json(capsys.readouterr().out)
     assert [r["gate"] for r in doc["results"]] == ["top2", "top_any"]
+    # every benchmark says whether torch's huge-page allocation was on (importing dynmoe_dist set the variable)
+    assert doc["meta"]["huge_pages"] is (os.environ["THP_MEM_ALLOC_ENABLE"] != "0")
     for r in doc["results"]:
         for key in ("overhead_ratio", "experts_over_dense", "layer_over_dense", "padded_bmm_over_dense"):
             assert r[key] > 0, key

@@ -90,12 +90,14 @@ def test_torchrun_script_trains(reference: list[float]) -> None:
 
 
 def test_deepspeed_script(out: Path, reference: list[float]) -> None:
-    env = clean_env(
-        ACCELERATOR="cpu", NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), DEEPSPEED=str(BIN / "deepspeed")
-    )
+    port = str(free_port())
+    env = clean_env(ACCELERATOR="cpu", NPROC_PER_NODE="2", MASTER_PORT=port, DEEPSPEED=str(BIN / "deepspeed"))
     output = run(["launch/deepspeed.sh", *TINY, f"out_dir={out}", "name=deepspeed"], env)
     assert "--num_accelerators 2" in output or "num_accelerators=2" in output or "dist_world_size=2" in output
     assert losses(out / "deepspeed") == pytest.approx(reference, rel=1e-5)
+    # the launcher sets LOCAL_SIZE, so DeepSpeed's CPU all-reduce made one /dev/shm segment per rank; none may outlive
+    # the run (DeepSpeed never unlinks them; init_deepspeed_comm does)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_deepspeed_script_with_a_localhost_hostfile(out: Path, reference: list[float]) -> None:

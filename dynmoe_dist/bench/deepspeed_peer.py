@@ -25,7 +25,6 @@ Set-up order on every rank: ``torch.distributed.init_process_group(...)``, then 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..train.engines.deepspeed_engine import import_deepspeed, init_deepspeed_comm
 from ..train.model import MLP
 from .padded_traffic import PaddedTraffic, check_peer_weights
 
@@ -53,16 +53,6 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
-def _import_deepspeed() -> Any:
-    # Without a GPU, DeepSpeed falls back to its CPU accelerator anyway but warns about it; naming it up front keeps
-    # the logs clean. Only effective before the first ``import deepspeed`` in the process.
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    return deepspeed
-
-
 def init_deepspeed_groups(ep_size: int) -> dist.ProcessGroup:
     """Attach DeepSpeed to the running ``torch.distributed`` world and create its expert-parallel groups.
 
@@ -76,12 +66,11 @@ def init_deepspeed_groups(ep_size: int) -> dist.ProcessGroup:
     world = dist.get_world_size()
     if ep_size < 1 or world % ep_size:
         raise ValueError(f"ep_size={ep_size} must divide the world size {world}")
-    deepspeed = _import_deepspeed()
-    from deepspeed.utils import groups
-
     # With torch.distributed already up this only wraps the existing default group (no rendezvous, no env vars, no
     # MPI discovery). The shared-memory comm op it loads stays idle unless LOCAL_SIZE is set.
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    init_deepspeed_comm()
+    from deepspeed.utils import groups
+
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
         # Same call MoE.set_deepspeed_parallelism() makes when no tensor-parallel mpu is registered.
@@ -91,7 +80,7 @@ def init_deepspeed_groups(ep_size: int) -> dist.ProcessGroup:
 
 def local_expert_range(num_experts: int, ep_size: int) -> range:
     """Global ids of the experts this rank holds under DeepSpeed's placement (contiguous block by group rank)."""
-    _import_deepspeed()
+    import_deepspeed()
     from deepspeed.utils import groups
 
     ep_rank = dist.get_rank(group=groups._get_expert_parallel_group(expert_group_name(ep_size)))
@@ -127,7 +116,7 @@ def make_deepspeed_moe(
     """
     if num_experts % ep_size:
         raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
-    _import_deepspeed()
+    import_deepspeed()
     from deepspeed.moe.layer import MoE
     from deepspeed.utils import groups
 

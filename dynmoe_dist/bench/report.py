@@ -7,6 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .._allocator import huge_pages_enabled
+
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def cell(v: Any) -> str:
@@ -19,8 +21,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def emit(name: str, rows: list[dict[str, Any]], columns: Sequence[str], meta: dict[str, Any], path: str | None) -> None:
-    """Print the table and the JSON document; also write the JSON to ``path`` when given."""
-    doc = {"benchmark": name, "meta": meta, "results": rows}
+    """Print the table and the JSON document; also write the JSON to ``path`` when given. ``meta`` gains whether
+    torch's huge-page CPU allocation was on (it moves CPU timings of large fresh tensors; dynmoe_dist._allocator)."""
+    doc = {"benchmark": name, "meta": {**meta, "huge_pages": huge_pages_enabled()}, "results": rows}
     print(format_table(rows, columns))
     print(json.dumps(doc))
     if path:

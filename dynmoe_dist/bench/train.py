@@ -274,11 +274,10 @@ class DeepSpeedNative:
 
         from ..train.data import SequenceStream
         from ..train.engines import deepspeed_config, dense_param_groups
-        from ..train.engines.deepspeed_engine import import_deepspeed
+        from ..train.engines.deepspeed_engine import init_deepspeed_comm
         from ..train.model import Transformer
 
-        deepspeed = import_deepspeed()
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed = init_deepspeed_comm()
         init_deepspeed_groups(world)
         self.cfg, self.world = cfg, world
         m, moe = cfg.model, cfg.moe

@@ -12,6 +12,7 @@ not own (bucket sizes, offload, ...).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -55,14 +56,34 @@ def import_deepspeed():
     return deepspeed
 
 
+def init_deepspeed_comm(backend: str | None = None):
+    """``deepspeed.init_distributed`` (wrapping a running ``torch.distributed``, or starting one on ``backend``), then
+    unlink the shared-memory segments DeepSpeed's CPU all-reduce leaves behind; returns the deepspeed module.
+
+    Why: where every rank is on one host (``LOCAL_SIZE`` equals the world size), DeepSpeed's SHM comm op creates one
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` segment per rank (about 69 MB each) and never
+    unlinks it, so every run on a CPU host leaves its world's segments in ``/dev/shm`` until it fills. Each rank maps
+    every peer's segment inside ``init_distributed``; after a barrier no rank opens one again, so each rank removes its
+    own name and the mappings live on until the process exits.
+    """
+    deepspeed = import_deepspeed()
+    dist = torch.distributed
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else (backend or "gloo"))
+    dist.barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank()
+    )
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        os.unlink(os.path.join("/dev/shm", name))
+    return deepspeed
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, model, groups, moe_opt, optim_cfg, ds_config: dict, device: torch.device) -> None:
         super().__init__(model, groups, moe_opt, optim_cfg.grad_clip, device)
-        deepspeed = import_deepspeed()
-        initialised = torch.distributed.is_initialized()
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend() if initialised else "gloo")
+        deepspeed = init_deepspeed_comm()
         self.view = DenseView(model)
         # lr 0 until the first step sets it: DeepSpeed's bf16 wrapper takes one zero-gradient step while it sets up,
         # which with a real rate would already apply weight decay
