@@ -41,3 +41,16 @@ def test_huge_pages_cut_the_page_faults_of_a_fresh_large_tensor() -> None:
     on, off = probe()[1], probe(THP_MEM_ALLOC_ENABLE="0")[1]
     assert off > 10_000  # 64 MB in 4 KiB pages is 16384 first touches
     assert on < off / 4, (on, off)
+
+
+def test_bench_train_runs_peers_with_their_own_allocator_and_restores_ours(monkeypatch) -> None:
+    from dynmoe_dist.bench.train import allocator_env
+
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    with allocator_env("0"):
+        assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"  # what the peer's spawned ranks inherit
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    with allocator_env("0"):
+        pass
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ

@@ -28,11 +28,16 @@ spawned ranks (so its peak memory is its own), round-robin over ``--rounds``; a 
 median over the timed steps, the best round. Reported: ms per step, tokens/s (all ranks), peak memory per rank, the
 busiest rank's MoE rows over the mean rank's (ours), the share of assignments a capacity dropped, and the time ratios
 (a)/(b), (a)/(c), (d)/(c) and, where Tutel is installed, (a)/(f), (a)/(g), (d)/(g).
+
+Allocator: ``import dynmoe_dist`` turns on torch's huge-page CPU allocation (``_allocator.py``), which makes our
+variants faster and DeepSpeed's slower and larger on this CPU. The peers therefore run as their users run them, with
+torch's default allocator (``--peer-huge-pages on`` gives them ours); each row says which it had.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -45,6 +50,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from .._allocator import VARIABLE, huge_pages_enabled
 from ..parallel import build_groups
 from .deepspeed_peer import init_deepspeed_groups, local_expert_range, make_deepspeed_moe
 from .ranks import run_ranks
@@ -408,6 +414,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
     ms = statistics.median(times) * 1e3
     tokens = a.batch * a.seq_len * world
     row = {"variant": a.variant, "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mem_mb": float(memory)}
+    row["huge_pages"] = huge_pages_enabled()  # as this rank's process ran
     row["busiest_rank_rows_over_mean"] = statistics.mean(busiest[a.warmup :]) if busiest else float("nan")
     row["experts_moved"] = moved
     if not busiest:
@@ -430,6 +437,20 @@ def check_same_computation(best: dict[str, dict]) -> None:
                 )
 
 
+@contextlib.contextmanager
+def allocator_env(value: str):
+    """Ranks spawned inside inherit ``THP_MEM_ALLOC_ENABLE=value`` (``import dynmoe_dist`` keeps a value it finds)."""
+    before = os.environ.get(VARIABLE)
+    os.environ[VARIABLE] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(VARIABLE, None)
+        else:
+            os.environ[VARIABLE] = before
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench train", description=__doc__)
     p.add_argument("--world", type=int, default=2)
@@ -446,6 +467,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--peer-huge-pages",
+        choices=("off", "on"),
+        default="off",
+        help="torch's huge-page CPU allocation for the DeepSpeed and Tutel variants: off (default) runs them as their "
+        "users do, with torch's default allocator; ours run with this process's setting (dynmoe_dist's default: on)",
+    )
     p.add_argument("--json", default=None, help="also write the JSON document here")
     a = p.parse_args(argv)
     tutel_ok, tutel_why = tutel_available()
@@ -456,7 +484,9 @@ def main(argv: list[str] | None = None) -> None:
             run_ranks(body, argparse.Namespace(**vars(a), variant="warm", warm_dir=warm_dir))
         for _ in range(a.rounds):
             for variant in variants:
-                (row,) = run_ranks(body, argparse.Namespace(**vars(a), variant=variant, warm_dir=warm_dir))
+                native = a.peer_huge_pages == "off" and not variant.startswith("ours")
+                with allocator_env("0") if native else contextlib.nullcontext():
+                    (row,) = run_ranks(body, argparse.Namespace(**vars(a), variant=variant, warm_dir=warm_dir))
                 if variant not in best or row["ms_per_step"] < best[variant]["ms_per_step"]:
                     best[variant] = row
     rows = list(best.values())
@@ -475,9 +505,10 @@ def main(argv: list[str] | None = None) -> None:
         "engine": "DeepSpeed ZeRO 0, fp32, CPU gloo (Tutel: torch AdamW, flat all-reduce of non-expert gradients)",
         "tutel": "tutel.moe.moe_layer, top-2 fp32 gate, bias-free GELU experts" if tutel_ok else f"absent: {tutel_why}",
         "warm_steps": a.warm_steps,
+        "peer_huge_pages": a.peer_huge_pages,
         "ratios": ratios,
     }
     cols = ["variant", "ms_per_step", "tokens_per_s", "peak_mem_mb", "busiest_rank_rows_over_mean", "dropped_share"]
-    cols.append("experts_moved")
+    cols += ["experts_moved", "huge_pages"]
     print(format_table(ratios, ["ratio", "time_ratio", "target"]))
     emit("train", rows, [*cols, "first_loss"], meta, a.json)
