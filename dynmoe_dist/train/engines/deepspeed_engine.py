@@ -69,6 +69,8 @@ def init_deepspeed_comm(backend: str | None = None):
     deepspeed = import_deepspeed()
     dist = torch.distributed
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else (backend or "gloo"))
+    if "nccl" in str(dist.get_backend()):
+        return deepspeed  # GPU ranks: the SHM op belongs to DeepSpeed's CPU accelerator
     dist.barrier()
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
         os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank()
