@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from dynmoe_dist.bench import expert_parallel, layer
+from dynmoe_dist.bench import expert_parallel, layer, train
 
 
 def last_json(out: str) -> dict:
@@ -38,3 +38,16 @@ def test_bench_expert_parallel_runs_with_shared_experts(capsys):
     for r in doc["results"]:
         assert r["max_abs_diff"] < 1e-4  # DeepSpeed computed what ours did
         assert r["ours_rows_sent_per_assignment"] == 1.0
+
+
+def test_bench_train_runs_the_peer_on_its_own_allocator(capsys):
+    """Each variant in its own ranks: ours with dynmoe_dist's huge pages, DeepSpeed with torch's default allocator,
+    as each rank's own process reports it (the env switch must reach the spawned ranks)."""
+    tiny = ["--d-model", "32", "--d-ff", "64", "--layers", "1", "--seq-len", "16", "--batch", "2"]
+    steps = ["--warm-steps", "2", "--warmup", "1", "--steps", "2", "--rounds", "1"]
+    train.main([*tiny, *steps, "--variants", "ours_top2,deepspeed_cf1"])
+    doc = last_json(capsys.readouterr().out)
+    rows = {r["variant"]: r for r in doc["results"]}
+    assert rows["ours_top2"]["huge_pages"] is (os.environ["THP_MEM_ALLOC_ENABLE"] != "0")
+    assert rows["deepspeed_cf1"]["huge_pages"] is False
+    assert doc["meta"]["peer_huge_pages"] == "off"

@@ -103,7 +103,7 @@ def overrides(a: argparse.Namespace, variant: str) -> list[str]:
         *VARIANTS.get(variant, VARIANTS["ours_top2"]),  # the warm run trains (a)
         f"model.d_model={a.d_model}",
         f"model.n_layers={a.layers}",
-        f"model.n_heads={a.d_model // 64}",
+        f"model.n_heads={max(1, a.d_model // 64)}",  # heads of 64, at least one
         f"model.d_ff={a.d_ff}",
         f"model.max_seq_len={a.seq_len}",
         f"model.moe_every={a.moe_every}",
@@ -280,11 +280,11 @@ class DeepSpeedNative:
 
         from ..train.data import SequenceStream
         from ..train.engines import deepspeed_config, dense_param_groups
-        from ..train.engines.deepspeed_engine import init_deepspeed_comm
+        from ..train.engines.deepspeed_engine import import_deepspeed
         from ..train.model import Transformer
 
-        deepspeed = init_deepspeed_comm()
-        init_deepspeed_groups(world)
+        deepspeed = import_deepspeed()
+        init_deepspeed_groups(world)  # starts DeepSpeed's comm (init_deepspeed_comm) and its expert groups
         self.cfg, self.world = cfg, world
         m, moe = cfg.model, cfg.moe
         k = moe.router.k
