@@ -10,6 +10,7 @@ import json
 import os
 
 from dynmoe_dist.bench import expert_parallel, layer, train
+from dynmoe_dist.bench.report import format_table
 
 
 def last_json(out: str) -> dict:
@@ -51,3 +52,18 @@ def test_bench_train_runs_the_peer_on_its_own_allocator(capsys):
     assert rows["ours_top2"]["huge_pages"] is (os.environ["THP_MEM_ALLOC_ENABLE"] != "0")
     assert rows["deepspeed_cf1"]["huge_pages"] is False
     assert doc["meta"]["peer_huge_pages"] == "off"
+    # both went on from the warm run's Adam moments, every parameter of theirs (DeepSpeed's by expert id)
+    assert rows["ours_top2"]["params_without_warm_moments"] == 0
+    assert rows["deepspeed_cf1"]["params_without_warm_moments"] == 0
+
+
+def test_table_of_no_rows_prints_its_header():
+    # bench train with variants that form no ratio pair printed an empty ratio table: max() of one int crashed
+    lines = format_table([], ["ratio", "time_ratio"]).splitlines()
+    assert lines == ["ratio  time_ratio", "-----  ----------"]
+    assert format_table([{"ratio": "a / b", "time_ratio": 0.5}], ["ratio", "time_ratio"]).splitlines()[2].split() == [
+        "a",
+        "/",
+        "b",
+        "0.5",
+    ]

@@ -15,7 +15,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]  # no rows: headers
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 

@@ -20,14 +20,15 @@
 
 Routing right after initialisation is far from what training sees for most of its steps (byte-level data sends whole
 byte classes to the same experts until the balance loss spreads them), so the top-2 variants start from one warm
-state: (a) trains ``--warm-steps`` steps first, and (a) to (d) load its weights (DeepSpeed's layers take the same
-router and expert weights, by expert id). The first losses of (a) and (b) must agree before their times are
-compared: the same computation. Then each runs ``--warmup`` + ``--steps``
-steps with the same data, learning-rate schedule, clipping and ZeRO stage. Each variant runs in its own pair of
-spawned ranks (so its peak memory is its own), round-robin over ``--rounds``; a step's time is the slowest rank's, the
-median over the timed steps, the best round. Reported: ms per step, tokens/s (all ranks), peak memory per rank, the
-busiest rank's MoE rows over the mean rank's (ours), the share of assignments a capacity dropped, and the time ratios
-(a)/(b), (a)/(c), (d)/(c) and, where Tutel is installed, (a)/(f), (a)/(g), (d)/(g).
+state: (a) trains ``--warm-steps`` steps first, and every top-2 variant goes on from its weights and its Adam moments
+(DeepSpeed's and Tutel's layers take the same router and expert weights and moments, by expert id; ``seed_adam``), as
+a resumed run would. The first losses of (a) and (b) must agree before their times are compared: the same
+computation. Then each runs ``--warmup`` + ``--steps`` steps with the same data, learning-rate schedule, clipping
+and ZeRO stage. Each variant runs in its own pair of spawned ranks (so its peak memory is its own), round-robin over
+``--rounds``; a step's time is the slowest rank's, the median over the timed steps, the best round. Reported: ms
+per step, tokens/s (all ranks), peak memory per rank, the busiest rank's MoE rows over the mean rank's (ours), the
+share of assignments a capacity dropped, and the time ratios (a)/(b), (a)/(c), (d)/(c) and, where Tutel is
+installed, (a)/(f), (a)/(g), (d)/(g).
 
 Allocator: ``import dynmoe_dist`` turns on torch's huge-page CPU allocation (``_allocator.py``), which makes our
 variants faster and DeepSpeed's slower and larger on this CPU. The peers therefore run as their users run them, with
@@ -44,6 +45,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from .._allocator import VARIABLE, huge_pages_enabled
+from ..optim import MoEAdam
 from ..parallel import build_groups
 from .deepspeed_peer import init_deepspeed_groups, local_expert_range, make_deepspeed_moe
 from .ranks import run_ranks
@@ -163,6 +166,67 @@ def load_warm_weights(model: torch.nn.Module, shards: list[dict], world: int) ->
             w_in = torch.cat([s[prefix + "experts.w_in"] for s in shards])[order]
             w_out = torch.cat([s[prefix + "experts.w_out"] for s in shards])[order]
             block.moe.load(shards[0][prefix + "router.weight"], w_in, w_out, world)
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def adam_moments(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each Adam moment of ``model``'s parameters by parameter name: what the warm run leaves beside its weights."""
+    state = {id(p): opt.state[p] for opt in optimizers for g in opt.param_groups for p in g["params"] if opt.state[p]}
+    return {
+        key: {
+            n: state[id(p)][key].detach().clone()
+            for n, p in model.named_parameters(remove_duplicate=False)  # a tied weight under each of its names
+            if id(p) in state
+        }
+        for key in MOMENTS
+    }
+
+
+def seed_adam(
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    load: Callable[[list[dict]], None],
+    shards: list[dict],
+    moments: list[dict],
+    steps: int,
+) -> int:
+    """Start every optimizer where the warm run's left off: its moments, by parameter and expert id, and ``steps``.
+
+    Without them each variant restarts Adam from zero moments at a mid-training point: its first updates are about
+    ``lr`` per entry whatever the gradient, which stirs the routing up (measured: the busiest rank's MoE rows rose
+    from 1.06 to 1.10 of the mean after 150 warm steps) and times a state no training run is in. The moments travel
+    the way the weights do: ``load`` (the variant's own weight loader, which maps our layout onto its layers by expert
+    id) loads each moment in place of the weights and the parameters' values are taken as that moment; the weights
+    are loaded last. A parameter the loader does not fill (one our model has no counterpart of) keeps its value and
+    starts Adam from zero; returns how many there were.
+    """
+    params = list(model.parameters())
+    weights = [p.detach().clone() for p in params]
+    taken: dict[str, dict[int, torch.Tensor]] = {}
+    with torch.no_grad():
+        for key in MOMENTS:
+            for p in params:
+                p.fill_(math.nan)  # what the loader leaves NaN is a parameter of the variant's own, with no moment
+            load([{**w, **m[key]} for w, m in zip(shards, moments, strict=True)])
+            taken[key] = {id(p): p.detach().clone() for p in params if not p.isnan().all()}
+        for p, w in zip(params, weights):
+            p.copy_(w)  # a parameter the loader does not fill keeps its own value
+    load(shards)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) not in taken["exp_avg"]:
+                    continue
+                state = opt.state[p]
+                state["exp_avg"], state["exp_avg_sq"] = taken["exp_avg"][id(p)], taken["exp_avg_sq"][id(p)]
+                if isinstance(opt, MoEAdam):  # its step is counted per expert row
+                    shape = (p.shape[0],) if group["rowwise"] else ()
+                    state["step"] = torch.full(shape, steps, dtype=torch.int64)
+                else:
+                    state["step"] = torch.tensor(float(steps))
+    return sum(id(p) not in taken["exp_avg"] for p in params)
 
 
 class TutelMoEBlock(torch.nn.Module):
@@ -358,14 +422,16 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
             runner.train_step()
         torch.save(runner.model.state_dict(), warm / f"rank{rank}.pt")
         torch.save(runner.stream.state_dict(), warm / "stream.pt")
+        torch.save(adam_moments(runner.model, [runner.engine.client, runner.moe_opt]), warm / f"moments{rank}.pt")
         return [{}]
-    shards = None
+    shards = moments = None
+    unseeded = None  # warm runs: parameters that start Adam from zero all the same
     if a.variant in WARM and a.warm_steps:
         shards = [torch.load(warm / f"rank{r}.pt", weights_only=True) for r in range(world)]
+        moments = [torch.load(warm / f"moments{r}.pt", weights_only=True) for r in range(world)]
     if a.variant.startswith("ours"):
         runner = Trainer(cfg, corpus, build_groups(world), torch.device("cpu"))
-        if shards:
-            runner.model.load_state_dict(shards[rank])
+        load, optimizers = (lambda s: runner.model.load_state_dict(s[rank])), [runner.engine.client, runner.moe_opt]
         for layer in runner.model.moe_layers():
             layer.register_forward_hook(observe)
     else:
@@ -374,9 +440,9 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
             runner = TutelNative(cfg, corpus, rank, world, capacity_factor=cf)
         else:
             runner = DeepSpeedNative(cfg, corpus, rank, world, drop_tokens=a.variant == "deepspeed_cf1")
-        if shards:
-            runner.load_warm(shards)
-    if shards:  # the same data and schedule position as the warm run reached
+        load, optimizers = runner.load_warm, [runner.opt]
+    if shards:  # the warm run's weights, Adam moments, data and schedule position
+        unseeded = seed_adam(runner.model, optimizers, load, shards, moments, a.warm_steps)
         runner.stream.load_state_dict(torch.load(warm / "stream.pt", weights_only=True))
         if hasattr(runner, "state"):
             runner.state.step = a.warm_steps
@@ -417,6 +483,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
     row["huge_pages"] = huge_pages_enabled()  # as this rank's process ran
     row["busiest_rank_rows_over_mean"] = statistics.mean(busiest[a.warmup :]) if busiest else float("nan")
     row["experts_moved"] = moved
+    row["params_without_warm_moments"] = unseeded
     if not busiest:
         counts = sum(m.counts for m in runner.model.modules() if isinstance(m, PEER_BLOCKS))
     dist.all_reduce(counts)
