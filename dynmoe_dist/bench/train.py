@@ -443,6 +443,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
         load, optimizers = runner.load_warm, [runner.opt]
     if shards:  # the warm run's weights, Adam moments, data and schedule position
         unseeded = seed_adam(runner.model, optimizers, load, shards, moments, a.warm_steps)
+        del shards, moments  # every rank's copy: freed before the timed steps, whose peak memory is reported
         runner.stream.load_state_dict(torch.load(warm / "stream.pt", weights_only=True))
         if hasattr(runner, "state"):
             runner.state.step = a.warm_steps
