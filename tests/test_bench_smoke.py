@@ -61,9 +61,5 @@ def test_table_of_no_rows_prints_its_header():
     # bench train with variants that form no ratio pair printed an empty ratio table: max() of one int crashed
     lines = format_table([], ["ratio", "time_ratio"]).splitlines()
     assert lines == ["ratio  time_ratio", "-----  ----------"]
-    assert format_table([{"ratio": "a / b", "time_ratio": 0.5}], ["ratio", "time_ratio"]).splitlines()[2].split() == [
-        "a",
-        "/",
-        "b",
-        "0.5",
-    ]
+    row = format_table([{"ratio": "a / b", "time_ratio": 0.5}], ["ratio", "time_ratio"]).splitlines()[2]
+    assert row == "a / b         0.5"
