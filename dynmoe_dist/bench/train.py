@@ -184,6 +184,11 @@ def adam_moments(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
     }
 
 
+def our_optimizers(runner) -> list[torch.optim.Optimizer]:
+    """A Trainer's two optimizers: DeepSpeed's client AdamW (dense, fp32 ZeRO 0) and MoEAdam (gate and experts)."""
+    return [runner.engine.client, runner.moe_opt]
+
+
 def seed_adam(
     model: torch.nn.Module,
     optimizers: list[torch.optim.Optimizer],
@@ -422,7 +427,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
             runner.train_step()
         torch.save(runner.model.state_dict(), warm / f"rank{rank}.pt")
         torch.save(runner.stream.state_dict(), warm / "stream.pt")
-        torch.save(adam_moments(runner.model, [runner.engine.client, runner.moe_opt]), warm / f"moments{rank}.pt")
+        torch.save(adam_moments(runner.model, our_optimizers(runner)), warm / f"moments{rank}.pt")
         return [{}]
     shards = moments = None
     unseeded = None  # warm runs: parameters that start Adam from zero all the same
@@ -431,7 +436,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
         moments = [torch.load(warm / f"moments{r}.pt", weights_only=True) for r in range(world)]
     if a.variant.startswith("ours"):
         runner = Trainer(cfg, corpus, build_groups(world), torch.device("cpu"))
-        load, optimizers = (lambda s: runner.model.load_state_dict(s[rank])), [runner.engine.client, runner.moe_opt]
+        load, optimizers = (lambda s: runner.model.load_state_dict(s[rank])), our_optimizers(runner)
         for layer in runner.model.moe_layers():
             layer.register_forward_hook(observe)
     else:
