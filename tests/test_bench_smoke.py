@@ -46,7 +46,7 @@ def test_bench_train_runs_the_peer_on_its_own_allocator(capsys):
     as each rank's own process reports it (the env switch must reach the spawned ranks)."""
     tiny = ["--d-model", "32", "--d-ff", "64", "--layers", "1", "--seq-len", "16", "--batch", "2"]
     steps = ["--warm-steps", "2", "--warmup", "1", "--steps", "2", "--rounds", "1"]
-    train.main([*tiny, *steps, "--variants", "ours_top2,deepspeed_cf1"])
+    train.main([*tiny, *steps, "--variants", "ours_top2,deepspeed_cf1,ours_top2_balanced"])
     doc = last_json(capsys.readouterr().out)
     rows = {r["variant"]: r for r in doc["results"]}
     assert rows["ours_top2"]["huge_pages"] is (os.environ["THP_MEM_ALLOC_ENABLE"] != "0")
@@ -55,6 +55,12 @@ def test_bench_train_runs_the_peer_on_its_own_allocator(capsys):
     # both went on from the warm run's Adam moments, every parameter of theirs (DeepSpeed's by expert id)
     assert rows["ours_top2"]["params_without_warm_moments"] == 0
     assert rows["deepspeed_cf1"]["params_without_warm_moments"] == 0
+    # (i) deals the assignments round-robin: every rank computes exactly the mean rows (64 per rank over 8 experts);
+    # routed by its gate, (a) at this size is uneven
+    assert rows["ours_top2_balanced"]["busiest_rank_rows_over_mean"] == 1.0
+    assert rows["ours_top2"]["busiest_rank_rows_over_mean"] > 1.0
+    ratios = {r["ratio"]: r for r in doc["meta"]["ratios"]}
+    assert ratios["ours_top2 / ours_top2_balanced"]["target"] is None
 
 
 def test_table_of_no_rows_prints_its_header():
@@ -63,3 +69,4 @@ def test_table_of_no_rows_prints_its_header():
     assert lines == ["ratio  time_ratio", "-----  ----------"]
     row = format_table([{"ratio": "a / b", "time_ratio": 0.5}], ["ratio", "time_ratio"]).splitlines()[2]
     assert row == "a / b         0.5"
+    assert format_table([{"ratio": "a / b", "target": None}], ["ratio", "target"]).splitlines()[2] == "a / b       -"

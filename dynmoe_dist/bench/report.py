@@ -12,6 +12,8 @@ from .._allocator import huge_pages_enabled
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def cell(v: Any) -> str:
+        if v is None:
+            return "-"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]

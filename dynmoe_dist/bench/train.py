@@ -17,6 +17,10 @@
     optimizer state) so that both ranks compute about as many rows; the timed steps then run on that placement.
     DeepSpeed and Tutel place experts in fixed blocks; this is what a dropless layer can do about an uneven load
     instead of dropping it. The event's own cost is not in the step times (``bench adapt`` measures it).
+(i) ``ours_top2_balanced``: (a) with each rank's assignments dealt round-robin over the experts after routing, so
+    every rank computes exactly the mean rows in every layer and step: not a model anyone trains, but the bound of
+    what any load balancing (placement, replicated hot experts) could gain over (a). The ratio (a)/(i) is the whole
+    cost of the uneven load.
 
 Routing right after initialisation is far from what training sees for most of its steps (byte-level data sends whole
 byte classes to the same experts until the balance loss spreads them), so the top-2 variants start from one warm
@@ -67,14 +71,24 @@ VARIANTS = {
     "ours_top2_cf1": ["moe=top_k", "moe.capacity_factor=1.0"],
     "ours_top_any": ["moe=top_any"],
     "ours_top2_rebalanced": ["moe=top_k"],
+    "ours_top2_balanced": ["moe=top_k"],
     "tutel_dropless": ["moe=top_k"],
     "tutel_cf1": ["moe=top_k"],
 }
 TUTEL_VARIANTS = ("tutel_dropless", "tutel_cf1")
 # start from the warm top-2 weights
-WARM = ("ours_top2", "deepspeed_dropless", "deepspeed_cf1", "ours_top2_cf1", "ours_top2_rebalanced", *TUTEL_VARIANTS)
+WARM = (
+    "ours_top2",
+    "deepspeed_dropless",
+    "deepspeed_cf1",
+    "ours_top2_cf1",
+    "ours_top2_rebalanced",
+    "ours_top2_balanced",
+    *TUTEL_VARIANTS,
+)
 REBALANCE_THRESHOLD = 1.05  # (h): max / mean rank load above which the planner moves experts
-# (numerator, denominator, target) of the reported time ratios; the first two are the training issue's targets
+# (numerator, denominator, target) of the reported time ratios; the first two are the training issue's targets; None:
+# no target, a measurement
 RATIOS = (
     ("ours_top2", "deepspeed_dropless", 0.85),
     ("ours_top2", "deepspeed_cf1", 1.0),
@@ -84,6 +98,8 @@ RATIOS = (
     ("ours_top2_cf1", "tutel_cf1", 1.0),
     ("ours_top2_rebalanced", "deepspeed_cf1", 1.0),
     ("ours_top2_rebalanced", "deepspeed_dropless", 0.85),
+    ("ours_top2", "ours_top2_balanced", None),
+    ("ours_top2_balanced", "deepspeed_cf1", None),
 )
 
 
@@ -232,6 +248,23 @@ def seed_adam(
                 else:
                     state["step"] = torch.tensor(float(steps))
     return sum(id(p) not in taken["exp_avg"] for p in params)
+
+
+def deal_round_robin(layer: torch.nn.Module, rank: int) -> None:
+    """(i): after routing, this rank's assignments go to experts in turn, the same number to each (to one apart).
+
+    Tokens keep their own gate weights and k; only which expert computes each assignment changes, so every rank
+    receives exactly the mean rows in every layer. Timing only: the model it trains is not (a)'s.
+    """
+    route = layer.route
+
+    def dealt(flat: torch.Tensor, importance: torch.Tensor | None = None):
+        plan = route(flat, importance)
+        turn = torch.arange(plan.expert.numel(), device=plan.expert.device) + rank
+        plan.expert = turn % plan.num_experts
+        return plan
+
+    layer.route = dealt
 
 
 class TutelMoEBlock(torch.nn.Module):
@@ -439,6 +472,8 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
         load, optimizers = (lambda s: runner.model.load_state_dict(s[rank])), our_optimizers(runner)
         for layer in runner.model.moe_layers():
             layer.register_forward_hook(observe)
+            if a.variant == "ours_top2_balanced":
+                deal_round_robin(layer, rank)
     else:
         if a.variant in TUTEL_VARIANTS:
             cf = 0.0 if a.variant == "tutel_dropless" else 1.0
