@@ -61,6 +61,17 @@ def test_bench_train_runs_the_peer_on_its_own_allocator(capsys):
     assert rows["ours_top2"]["busiest_rank_rows_over_mean"] > 1.0
     ratios = {r["ratio"]: r for r in doc["meta"]["ratios"]}
     assert ratios["ours_top2 / ours_top2_balanced"]["target"] is None
+    # one round: the best rounds' ratio is the only round's ratio
+    for r in ratios.values():
+        assert r["round_ratio_min"] == r["round_ratio_max"] == r["time_ratio"]
+    assert all(len(r["ms_per_step_rounds"]) == 1 for r in doc["results"])
+
+
+def test_ratio_spread_pairs_the_variants_of_each_round():
+    best = {"a": {"ms_per_step": 90.0}, "b": {"ms_per_step": 100.0}}
+    r = train.time_ratio("a", "b", 1.0, best, {"a": [90.0, 120.0], "b": [110.0, 100.0]})
+    assert r["time_ratio"] == 0.9  # best round over best round
+    assert (r["round_ratio_min"], r["round_ratio_max"]) == (90.0 / 110.0, 1.2)  # round by round
 
 
 def test_table_of_no_rows_prints_its_header():
