@@ -32,8 +32,8 @@ and ZeRO stage. Each variant runs in its own pair of spawned ranks (so its peak 
 ``--rounds``; a step's time is the slowest rank's, the median over the timed steps, the best round (every round's is
 kept, and each ratio shows its spread over the rounds, pairing the variants of one round). Reported: ms
 per step, tokens/s (all ranks), peak memory per rank, the busiest rank's MoE rows over the mean rank's (ours), the
-share of assignments a capacity dropped, and the time ratios (a)/(b), (a)/(c), (d)/(c) and, where Tutel is
-installed, (a)/(f), (a)/(g), (d)/(g).
+share of assignments a capacity dropped, and the time ratios (a)/(b), (a)/(c), (d)/(c), (h)/(c), (h)/(b),
+(a)/(i), (i)/(c) and, where Tutel is installed, (a)/(f), (a)/(g), (d)/(g).
 
 Allocator: ``import dynmoe_dist`` turns on torch's huge-page CPU allocation (``_allocator.py``), which makes our
 variants faster and DeepSpeed's slower and larger on this CPU. The peers therefore run as their users run them, with
