@@ -53,7 +53,7 @@ def fresh(extra: bool = False) -> tuple[Tiny, list[torch.optim.Optimizer]]:
 def test_a_seeded_variant_goes_on_exactly_as_the_warm_run():
     torch.manual_seed(0)
     batches = [torch.randn(32, 8) for _ in range(5)]
-    warm, warm_opts = Tiny(), None
+    warm = Tiny()
     warm_opts = optimizers(warm)
     train(warm, warm_opts, batches[:3])
     shard = {k: v.clone() for k, v in warm.state_dict().items()}  # state_dict shares storage with the model
