@@ -72,6 +72,24 @@ def test_ratio_spread_pairs_the_variants_of_each_round():
     r = train.time_ratio("a", "b", 1.0, best, {"a": [90.0, 120.0], "b": [110.0, 100.0]})
     assert r["time_ratio"] == 0.9  # best round over best round
     assert (r["round_ratio_min"], r["round_ratio_max"]) == (90.0 / 110.0, 1.2)  # round by round
+    assert r["round_ratio_median"] == (90.0 / 110.0 + 1.2) / 2
+
+
+def test_rounds_alternate_the_order_of_the_variants(monkeypatch, capsys):
+    """A steady drift of the machine must not always favour the variants that run first in a round: the bench runs
+    them in the given order, then reversed. The ranks are not spawned here (the order is the bench's, not theirs)."""
+    ran = []
+
+    def fake_ranks(body, a):
+        ran.append(a.variant)
+        return [{"variant": a.variant, "ms_per_step": 100.0, "first_loss": 1.0}]
+
+    monkeypatch.setattr(train, "run_ranks", fake_ranks)
+    train.main(["--warm-steps", "0", "--rounds", "3", "--variants", "ours_top2,ours_top2_balanced,deepspeed_cf1"])
+    forward = ["ours_top2", "ours_top2_balanced", "deepspeed_cf1"]
+    assert ran == forward + forward[::-1] + forward
+    doc = last_json(capsys.readouterr().out)
+    assert {r["variant"]: r["ms_per_step_rounds"] for r in doc["results"]} == {v: [100.0] * 3 for v in forward}
 
 
 def test_table_of_no_rows_prints_its_header():

@@ -29,8 +29,9 @@ state: (a) trains ``--warm-steps`` steps first, and every top-2 variant goes on 
 a resumed run would. The first losses of (a) and (b) must agree before their times are compared: the same
 computation. Then each runs ``--warmup`` + ``--steps`` steps with the same data, learning-rate schedule, clipping
 and ZeRO stage. Each variant runs in its own pair of spawned ranks (so its peak memory is its own), round-robin over
-``--rounds``; a step's time is the slowest rank's, the median over the timed steps, the best round (every round's is
-kept, and each ratio shows its spread over the rounds, pairing the variants of one round). Reported: ms
+``--rounds``, in the given order and reversed in every second round (a steady drift of the machine then cancels); a
+step's time is the slowest rank's, the median over the timed steps, the best round (every round's is kept, and each
+ratio shows its spread and median over the rounds, pairing the variants of one round). Reported: ms
 per step, tokens/s (all ranks), peak memory per rank, the busiest rank's MoE rows over the mean rank's (ours), the
 share of assignments a capacity dropped, and the time ratios (a)/(b), (a)/(c), (d)/(c), (h)/(c), (h)/(b),
 (a)/(i), (i)/(c) and, where Tutel is installed, (a)/(f), (a)/(g), (d)/(g).
@@ -549,9 +550,20 @@ def time_ratio(num: str, den: str, target: float | None, best: dict[str, dict], 
         "ratio": f"{num} / {den}",
         "time_ratio": best[num]["ms_per_step"] / best[den]["ms_per_step"],
         "round_ratio_min": min(per_round),
+        "round_ratio_median": statistics.median(per_round),
         "round_ratio_max": max(per_round),
         "target": target,
     }
+
+
+def round_order(variants: list[str], r: int) -> list[str]:
+    """The variants in the given order in even rounds, reversed in odd ones.
+
+    This machine drifts by several percent within minutes; a fixed order would put the same variants at the start of
+    every round and the same at its end, and a steady drift would then bias their ratio. Alternating (A B, B A) cancels
+    a linear drift over two rounds.
+    """
+    return list(reversed(variants)) if r % 2 else list(variants)
 
 
 @contextlib.contextmanager
@@ -600,8 +612,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as warm_dir:
         if a.warm_steps:
             run_ranks(body, argparse.Namespace(**vars(a), variant="warm", warm_dir=warm_dir))
-        for _ in range(a.rounds):
-            for variant in variants:
+        for r in range(a.rounds):
+            for variant in round_order(variants, r):
                 native = a.peer_huge_pages == "off" and not variant.startswith("ours")
                 with allocator_env("0") if native else contextlib.nullcontext():
                     (row,) = run_ranks(body, argparse.Namespace(**vars(a), variant=variant, warm_dir=warm_dir))
@@ -627,5 +639,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     cols = ["variant", "ms_per_step", "tokens_per_s", "peak_mem_mb", "busiest_rank_rows_over_mean", "dropped_share"]
     cols += ["experts_moved", "huge_pages"]
-    print(format_table(ratios, ["ratio", "time_ratio", "round_ratio_min", "round_ratio_max", "target"]))
+    print(
+        format_table(
+            ratios, ["ratio", "time_ratio", "round_ratio_min", "round_ratio_median", "round_ratio_max", "target"]
+        )
+    )
     emit("train", rows, [*cols, "first_loss"], meta, a.json)
