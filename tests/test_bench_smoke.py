@@ -63,7 +63,7 @@ def test_bench_train_runs_the_peer_on_its_own_allocator(capsys):
     assert ratios["ours_top2 / ours_top2_balanced"]["target"] is None
     # one round: the best rounds' ratio is the only round's ratio
     for r in ratios.values():
-        assert r["round_ratio_min"] == r["round_ratio_max"] == r["time_ratio"]
+        assert r["round_ratio_min"] == r["round_ratio_median"] == r["round_ratio_max"] == r["time_ratio"]
     assert all(len(r["ms_per_step_rounds"]) == 1 for r in doc["results"])
 
 

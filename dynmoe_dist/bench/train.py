@@ -559,7 +559,7 @@ def time_ratio(num: str, den: str, target: float | None, best: dict[str, dict], 
 def round_order(variants: list[str], r: int) -> list[str]:
     """The variants in the given order in even rounds, reversed in odd ones.
 
-    This machine drifts by several percent within minutes; a fixed order would put the same variants at the start of
+    A shared machine drifts by several percent within minutes; a fixed order would put the same variants at the start of
     every round and the same at its end, and a steady drift would then bias their ratio. Alternating (A B, B A) cancels
     a linear drift over two rounds.
     """
