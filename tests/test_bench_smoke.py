@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from dynmoe_dist.bench import expert_parallel, layer, train
+from dynmoe_dist.bench import combine, expert_parallel, layer, train
 from dynmoe_dist.bench.report import format_table
 
 
@@ -27,6 +27,14 @@ def test_bench_layer_reports_both_floors(capsys):
         for key in ("overhead_ratio", "experts_over_dense", "layer_over_dense", "padded_bmm_over_dense"):
             assert r[key] > 0, key
         assert r["bmm_padding"] >= 1.0
+
+
+def test_bench_combine_checks_both_implementations_agree(capsys):
+    combine.main(["--shape", "50,8,2,3", "--shape", "40,8,3,1", "--repeats", "1"])
+    doc = last_json(capsys.readouterr().out)
+    assert [(r["tokens"], r["pieces"]) for r in doc["results"]] == [(50, 3), (40, 1)]
+    for r in doc["results"]:
+        assert r["max_abs_diff"] == 0.0 and r["fused_ms"] > 0 and r["fused_over_plain"] > 0
 
 
 def test_bench_expert_parallel_runs_with_shared_experts(capsys):

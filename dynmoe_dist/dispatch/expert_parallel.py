@@ -9,7 +9,7 @@
     finish it; experts on the received rows, one segment per (source rank, slot): no reordering
     start the reverse all-to-all of their outputs
       meanwhile: experts on the second half of the own rows
-    finish it; weighted index_add into [S, d]
+    finish it; weighted index_add of the three output pieces into [S, d] (combine.py: no cat)
     with few rows per local expert (fine-grained experts), merge: exchange the rows, run each expert once on its own
     and received rows together (one GEMM), exchange the outputs back, weighted index_add
 
@@ -29,7 +29,8 @@ from ..parallel.groups import ParallelGroups
 from ..placement import PlacementTable
 from ..routing.plan import RoutingPlan
 from .all_to_all import exchange_counts, finish_all_to_all, start_all_to_all
-from .permute import combine_rows, gather_rows, sort_by_expert
+from .combine import combine_rows
+from .permute import gather_rows, sort_by_expert
 from .traffic import Traffic
 
 
@@ -128,8 +129,8 @@ class ExpertParallelDispatcher:
             return start_all_to_all(results, send_splits, recv_splits, group, f"{self.name}.combine.rows")
 
         run = self.overlapped if self.overlaps(rows_here, n_local) else self.merged
-        y = run(rows, n_self, own, remote, experts, dispatch, combine)
-        out = combine_rows(y, perm, x.shape[0], base)
+        pieces = run(rows, n_self, own, remote, experts, dispatch, combine)
+        out = combine_rows(pieces, perm.token, perm.weight, x.shape[0], base)
         traffic = Traffic(
             assignments=plan.num_assignments,
             rows_sent=plan.num_assignments,
@@ -140,8 +141,8 @@ class ExpertParallelDispatcher:
         return out, traffic
 
     @staticmethod
-    def overlapped(rows, n_self, own, remote, experts, dispatch, combine) -> torch.Tensor:
-        """Outputs in send order; half of the own rows hides the dispatch exchange, the other half the combine."""
+    def overlapped(rows, n_self, own, remote, experts, dispatch, combine) -> list[torch.Tensor]:
+        """Output pieces in send order; half of the own rows hides the dispatch exchange, the other half the combine."""
         half = n_self // 2
         own_first, own_second = split_segments(own, half)
         # split, not three slices: each slice's backward would zero-fill a buffer of all the rows
@@ -150,17 +151,17 @@ class ExpertParallelDispatcher:
         y_first = experts(first, own_first)
         buf, flight = combine(experts(finish_all_to_all(buf, flight), remote))
         y_second = experts(second, own_second)
-        return torch.cat([y_first, y_second, finish_all_to_all(buf, flight)])
+        return [y_first, y_second, finish_all_to_all(buf, flight)]
 
     @staticmethod
-    def merged(rows, n_self, own, remote, experts, dispatch, combine) -> torch.Tensor:
-        """Outputs in send order; every expert runs once on its own and received rows together."""
+    def merged(rows, n_self, own, remote, experts, dispatch, combine) -> list[torch.Tensor]:
+        """Output pieces in send order; every expert runs once on its own and received rows together."""
         own_rows, outgoing = rows.split([n_self, rows.shape[0] - n_self])
         buf, flight = dispatch(outgoing)
         local_rows = torch.cat([own_rows, finish_all_to_all(buf, flight)])
         y_own, y_remote = experts(local_rows, own + remote).split([n_self, local_rows.shape[0] - n_self])
         buf, flight = combine(y_remote)
-        return torch.cat([y_own, finish_all_to_all(buf, flight)])
+        return [y_own, finish_all_to_all(buf, flight)]
 
     def overlaps(self, rows: int, n_local: int) -> bool:
         """Overlap compute with the exchanges, or run every expert once on all its rows (see OVERLAP_MIN_ROWS)."""

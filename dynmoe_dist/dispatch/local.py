@@ -9,7 +9,8 @@ import torch
 from ..experts import ExpertBank
 from ..placement import PlacementTable
 from ..routing.plan import RoutingPlan
-from .permute import combine_rows, gather_rows, sort_by_expert
+from .combine import combine_rows
+from .permute import gather_rows, sort_by_expert
 from .traffic import Traffic
 
 
@@ -32,6 +33,6 @@ class LocalDispatcher:
         """``alongside``: the [S, d] output of an undispatched FFN of the same tokens (shared experts), added."""
         rows, segments, perm = self.segments(x, plan)
         base = alongside() if alongside is not None else None
-        out = combine_rows(experts(rows, segments), perm, x.shape[0], base)
+        out = combine_rows(experts(rows, segments), perm.token, perm.weight, x.shape[0], base)
         a = plan.num_assignments
         return out, Traffic(a, a, 0, a, x.shape[1] * x.element_size())

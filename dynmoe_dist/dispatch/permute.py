@@ -1,4 +1,4 @@
-"""Permutation of assignments into expert order, and its inverse for the combine.
+"""Permutation of assignments into expert order (its weighted inverse is ``combine.py``).
 
 A stable sort by expert position keeps token order inside each expert's segment, so results do not depend on
 how the sort breaks ties. Sized by |A| (the number of assignments), never by experts x capacity.
@@ -32,10 +32,3 @@ def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tens
 def gather_rows(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
     """[S, d] -> [A, d]: one row per assignment, in expert order."""
     return x.index_select(0, perm.token)
-
-
-def combine_rows(y: torch.Tensor, perm: Permutation, num_tokens: int, base: torch.Tensor | None = None) -> torch.Tensor:
-    """[A, d] expert outputs -> [S, d]: weighted sum per token (index_add), added to ``base`` ([S, d], e.g. the
-    shared experts' output) or to zeros; tokens with k = 0 get ``base`` (or 0)."""
-    out = y.new_zeros(num_tokens, y.shape[-1]) if base is None else base.to(y.dtype)
-    return out.index_add(0, perm.token, y * perm.weight.to(y.dtype).unsqueeze(-1))

@@ -24,11 +24,13 @@ GATE_OF = {"swiglu": "silu", "geglu": "gelu"}  # gated activation -> the plain a
 GATED: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {name: PLAIN[g] for name, g in GATE_OF.items()}
 ACTIVATIONS = (*PLAIN, *GATED)
 
+# Each writes the gradient through the activation over ``grad`` and returns it (aten's ``grad_input=`` form; an
+# elementwise op may write over its own input): the FFN's backward then makes no second [rows, d_ff] buffer per segment.
 DERIVATIVES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "gelu": lambda grad, h: aten.gelu_backward(grad, h),
-    "gelu_tanh": lambda grad, h: aten.gelu_backward(grad, h, approximate="tanh"),
-    "relu": lambda grad, h: aten.threshold_backward(grad, h, 0),
-    "silu": lambda grad, h: aten.silu_backward(grad, h),
+    "gelu": lambda grad, h: aten.gelu_backward.grad_input(grad, h, grad_input=grad),
+    "gelu_tanh": lambda grad, h: aten.gelu_backward.grad_input(grad, h, approximate="tanh", grad_input=grad),
+    "relu": lambda grad, h: aten.threshold_backward.grad_input(grad, h, 0, grad_input=grad),
+    "silu": lambda grad, h: aten.silu_backward.grad_input(grad, h, grad_input=grad),
 }
 
 

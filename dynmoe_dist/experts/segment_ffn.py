@@ -100,9 +100,9 @@ class GroupedFFN(torch.autograd.Function):
                 accumulate(dw_out, slot, first, a.t(), g)
                 accumulate_bias(db_out, slot, first, g)
                 da = torch.mm(g, w_out[slot].t())
-                if gated:
-                    dh = da * act(hg)
-                    dhg = act_backward(da * h, hg)
+                if gated:  # da is not needed after: the gate's gradient is written over it
+                    dh = act(hg).mul_(da)
+                    dhg = act_backward(da.mul_(h), hg)
                     accumulate(dw_gate, slot, first, xs.t(), dhg)
                     accumulate_bias(db_gate, slot, first, dhg)
                 else:
