@@ -34,7 +34,7 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m dynmoe_dist.bench layer --json bench/layer.json
 	$(PY) -m dynmoe_dist.bench layer --sweep --json bench/layer_sweep.json
-	$(PY) -m dynmoe_dist.bench combine --json bench/combine.json
+	$(PY) -m dynmoe_dist.bench row_ops --json bench/row_ops.json
 	$(PY) -m dynmoe_dist.bench expert_parallel --json bench/expert_parallel.json
 	$(PY) -m dynmoe_dist.bench expert_parallel --sweep --json bench/expert_parallel_sweep.json
 	$(PY) -m dynmoe_dist.bench adapt --json bench/adapt.json

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from dynmoe_dist.bench import combine, expert_parallel, layer, train
+from dynmoe_dist.bench import expert_parallel, layer, row_ops, train
 from dynmoe_dist.bench.report import format_table
 
 
@@ -29,10 +29,15 @@ def test_bench_layer_reports_both_floors(capsys):
         assert r["bmm_padding"] >= 1.0
 
 
-def test_bench_combine_checks_both_implementations_agree(capsys):
-    combine.main(["--shape", "50,8,2,3", "--shape", "40,8,3,1", "--repeats", "1"])
+def test_bench_row_ops_checks_both_implementations_agree(capsys):
+    row_ops.main(["--shape", "50,8,2,3", "--shape", "40,8,3,1", "--repeats", "1"])
     doc = last_json(capsys.readouterr().out)
-    assert [(r["tokens"], r["pieces"]) for r in doc["results"]] == [(50, 3), (40, 1)]
+    assert [(r["op"], r["tokens"], r["pieces"]) for r in doc["results"]] == [
+        ("combine", 50, 3),
+        ("combine", 40, 1),
+        ("gather", 50, 3),
+        ("gather", 40, 1),
+    ]
     for r in doc["results"]:
         assert r["max_abs_diff"] == 0.0 and r["fused_ms"] > 0 and r["fused_over_plain"] > 0
 

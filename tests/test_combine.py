@@ -1,4 +1,4 @@
-"""The fused weighted combine equals the plain autograd ops it replaces, bitwise: output and every gradient."""
+"""The fused row ops at both ends of the dispatch equal the plain autograd ops they replace, bitwise."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dynmoe_dist.dispatch import combine as combine_module
-from dynmoe_dist.dispatch import combine_rows
+from dynmoe_dist.dispatch import combine_rows, gather_pieces
 from dynmoe_dist.dispatch.combine import combine_rows_reference as plain
 
 
@@ -50,3 +50,27 @@ def test_fused_combine_without_gradients_keeps_none():
     frozen = [p.detach() for p in pieces]  # only the weights need a gradient (a frozen expert bank)
     combine_rows(frozen, token, weight, 6).sum().backward()
     assert weight.grad is not None and all(p.grad is None for p in frozen)
+
+
+@pytest.mark.parametrize("sizes", [[37], [20, 0, 45, 3], [0, 0], [64, 64]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("chunk_bytes", [1, 300, 1 << 19])
+@pytest.mark.parametrize("unused", [None, 0])  # every piece in the loss, or the first left out
+def test_gather_pieces_equals_index_select_and_split(sizes, dtype, chunk_bytes, unused, monkeypatch):
+    """The other end of the layer: rows by token, cut into the pieces the dispatcher computes (no cat in backward)."""
+    monkeypatch.setattr(combine_module, "CHUNK_BYTES", chunk_bytes)
+    unused = unused if len(sizes) > 1 else None
+    g = torch.Generator().manual_seed(len(sizes))
+    token = torch.randint(9, (sum(sizes),), generator=g)
+    x0 = torch.randn(9, 5, generator=g).to(dtype)
+    grads = [torch.randn(n, 5, generator=g).to(dtype) for n in sizes]
+    results = []
+    for pieces_of in (lambda x: x.index_select(0, token).split(sizes), lambda x: gather_pieces(x, token, sizes)):
+        x = x0.clone().requires_grad_()
+        pieces = pieces_of(x)
+        assert [p.shape[0] for p in pieces] == sizes
+        used = [(p, gr) for i, (p, gr) in enumerate(zip(pieces, grads)) if i != unused]
+        torch.autograd.backward([p for p, _ in used], [gr for _, gr in used])
+        results.append([*(p.detach() for p in pieces), x.grad])
+    for ours, ref in zip(results[1], results[0]):
+        assert ours.dtype == ref.dtype and torch.equal(ours, ref)

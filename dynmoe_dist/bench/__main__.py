@@ -7,7 +7,7 @@ import sys
 
 BENCHMARKS = {
     "layer": "dynmoe_dist.bench.layer",
-    "combine": "dynmoe_dist.bench.combine",
+    "row_ops": "dynmoe_dist.bench.row_ops",
     "expert_parallel": "dynmoe_dist.bench.expert_parallel",
     "adapt": "dynmoe_dist.bench.adapt",
     "train": "dynmoe_dist.bench.train",

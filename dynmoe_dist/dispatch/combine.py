@@ -8,7 +8,7 @@ rows, and in backward the gathered output gradient and its weighted copy. Here t
 weighted rows into the output; backward gathers each chunk's output gradient once and writes from it both the rows'
 gradient (one buffer per piece, which the all-to-all's backward sends as is) and the weights' gradient (a row-wise
 dot product). The arithmetic is autograd's, in the same order, so results are bitwise those of the plain ops
-(``tests/test_expert_parallel.py``); ``bench combine`` measures the difference.
+(``tests/test_expert_parallel.py``); ``bench row_ops`` measures the difference.
 """
 
 from __future__ import annotations
@@ -28,16 +28,23 @@ def chunk_rows(x: torch.Tensor) -> int:
     return max(CHUNK_BYTES // max(x.shape[1] * x.element_size(), 1), 1)
 
 
+def accumulator(like: torch.Tensor, num_tokens: int, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The [S, d] tensor rows are index_added into: zeros, or a copy of ``base``. bf16/fp16 rows add up in fp32 (the
+    caller rounds once at the end), as one ``index_add`` over all rows does: adding chunk by chunk in the rows' own
+    dtype would round after each chunk."""
+    acc = torch.float32 if like.element_size() < 4 else like.dtype
+    if base is None:
+        return like.new_zeros((num_tokens, like.shape[1]), dtype=acc)
+    return base.to(acc, copy=True)
+
+
 class WeightedCombine(torch.autograd.Function):
     """Pieces of [rows, d] in assignment order (their row counts add up to A), ``token`` and ``weight`` [A]."""
 
     @staticmethod
     def forward(ctx, token, weight, base, num_tokens: int, *pieces):  # noqa: D102
         first = pieces[0]
-        # bf16/fp16 rows add up in fp32 and round once, as one index_add over all rows does (chunks would round each)
-        acc = torch.float32 if first.element_size() < 4 else first.dtype
-        shape = (num_tokens, first.shape[1])
-        out = first.new_zeros(shape, dtype=acc) if base is None else base.to(acc, copy=True)
+        out = accumulator(first, num_tokens, base)
         step = chunk_rows(first)
         scratch = first.new_empty(min(step, max(p.shape[0] for p in pieces)), first.shape[1])
         start = 0
@@ -46,7 +53,7 @@ class WeightedCombine(torch.autograd.Function):
                 e = min(s + step, piece.shape[0])
                 a, b = start + s, start + e
                 weighted = torch.mul(piece[s:e], weight[a:b, None], out=scratch[: e - s])
-                out.index_add_(0, token[a:b], weighted.to(acc))
+                out.index_add_(0, token[a:b], weighted.to(out.dtype))
             start += piece.shape[0]
         ctx.save_for_backward(token, weight, *pieces)
         ctx.has_base = base is not None
@@ -95,7 +102,7 @@ def combine_rows_reference(
     pieces: Sequence[torch.Tensor], token: torch.Tensor, weight: torch.Tensor, num_tokens: int, base=None
 ) -> torch.Tensor:
     """The same combine in plain autograd ops (cat, weighted rows, index_add): the oracle ``combine_rows`` is tested
-    against bitwise, and the baseline ``bench combine`` times it against."""
+    against bitwise, and the baseline ``bench row_ops`` times it against."""
     y = torch.cat(list(pieces))
     out = y.new_zeros(num_tokens, y.shape[1]) if base is None else base.to(y.dtype)
     return out.index_add(0, token, y * weight.to(y.dtype).unsqueeze(-1))

@@ -30,7 +30,7 @@ from ..placement import PlacementTable
 from ..routing.plan import RoutingPlan
 from .all_to_all import exchange_counts, finish_all_to_all, start_all_to_all
 from .combine import combine_rows
-from .permute import gather_rows, sort_by_expert
+from .permute import gather_pieces, sort_by_expert
 from .traffic import Traffic
 
 
@@ -110,11 +110,14 @@ class ExpertParallelDispatcher:
         recv_splits = [0 if r == me else sum(row) for r, row in enumerate(per_source)]
 
         perm = sort_by_expert(plan.token, send_key[plan.expert], plan.weight, table.num_experts)
-        rows = gather_rows(x, perm)
         n_self = sum(per_source[me])
         own = [(slot, n) for slot, n in enumerate(per_source[me]) if n]
         remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
         rows_here = n_self + sum(recv_splits)
+        overlap = self.overlaps(rows_here, n_local)
+        # the rows in the pieces the mode computes them in: own rows (in two halves when overlapping), outgoing rows
+        own_sizes = [n_self // 2, n_self - n_self // 2] if overlap else [n_self]
+        pieces = gather_pieces(x, perm.token, [*own_sizes, plan.num_assignments - n_self])
 
         base = None  # alongside's output, computed while the dispatch exchange travels
 
@@ -128,9 +131,9 @@ class ExpertParallelDispatcher:
         def combine(results: torch.Tensor):
             return start_all_to_all(results, send_splits, recv_splits, group, f"{self.name}.combine.rows")
 
-        run = self.overlapped if self.overlaps(rows_here, n_local) else self.merged
-        pieces = run(rows, n_self, own, remote, experts, dispatch, combine)
-        out = combine_rows(pieces, perm.token, perm.weight, x.shape[0], base)
+        run = self.overlapped if overlap else self.merged
+        outputs = run(pieces, own, remote, experts, dispatch, combine)
+        out = combine_rows(outputs, perm.token, perm.weight, x.shape[0], base)
         traffic = Traffic(
             assignments=plan.num_assignments,
             rows_sent=plan.num_assignments,
@@ -141,12 +144,10 @@ class ExpertParallelDispatcher:
         return out, traffic
 
     @staticmethod
-    def overlapped(rows, n_self, own, remote, experts, dispatch, combine) -> list[torch.Tensor]:
+    def overlapped(pieces, own, remote, experts, dispatch, combine) -> list[torch.Tensor]:
         """Output pieces in send order; half of the own rows hides the dispatch exchange, the other half the combine."""
-        half = n_self // 2
-        own_first, own_second = split_segments(own, half)
-        # split, not three slices: each slice's backward would zero-fill a buffer of all the rows
-        first, second, outgoing = rows.split([half, n_self - half, rows.shape[0] - n_self])
+        first, second, outgoing = pieces
+        own_first, own_second = split_segments(own, first.shape[0])
         buf, flight = dispatch(outgoing)
         y_first = experts(first, own_first)
         buf, flight = combine(experts(finish_all_to_all(buf, flight), remote))
@@ -154,12 +155,14 @@ class ExpertParallelDispatcher:
         return [y_first, y_second, finish_all_to_all(buf, flight)]
 
     @staticmethod
-    def merged(rows, n_self, own, remote, experts, dispatch, combine) -> list[torch.Tensor]:
+    def merged(pieces, own, remote, experts, dispatch, combine) -> list[torch.Tensor]:
         """Output pieces in send order; every expert runs once on its own and received rows together."""
-        own_rows, outgoing = rows.split([n_self, rows.shape[0] - n_self])
+        own_rows, outgoing = pieces
         buf, flight = dispatch(outgoing)
         local_rows = torch.cat([own_rows, finish_all_to_all(buf, flight)])
-        y_own, y_remote = experts(local_rows, own + remote).split([n_self, local_rows.shape[0] - n_self])
+        y_own, y_remote = experts(local_rows, own + remote).split(
+            [own_rows.shape[0], local_rows.shape[0] - own_rows.shape[0]]
+        )
         buf, flight = combine(y_remote)
         return [y_own, finish_all_to_all(buf, flight)]
 

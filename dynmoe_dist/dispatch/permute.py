@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .combine import accumulator, chunk_rows
+
 
 @dataclass
 class Permutation:
@@ -27,6 +29,41 @@ def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tens
     order = torch.argsort(expert, stable=True)
     counts = torch.bincount(expert, minlength=num_experts)
     return Permutation(counts=counts, token=token[order], weight=weight[order])
+
+
+class GatherPieces(torch.autograd.Function):
+    """Rows of ``x`` by ``token``, cut into pieces of ``sizes`` rows (each its own tensor).
+
+    The backward adds each piece's gradient into [S, d] where it lies: what ``index_select`` followed by ``split``
+    computes, without the backward of ``split`` (a ``cat`` of all the pieces' gradients into a fresh [A, d]).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor, sizes: list[int]):  # noqa: D102
+        ctx.set_materialize_grads(False)  # a piece nobody used adds nothing
+        ctx.save_for_backward(token)
+        ctx.sizes, ctx.num_tokens = sizes, x.shape[0]
+        return tuple(x.index_select(0, t) for t in token.split(sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: D102
+        (token,) = ctx.saved_tensors
+        used = [g for g in grads if g is not None]
+        if not used:
+            return None, None, None
+        dx = accumulator(used[0], ctx.num_tokens)
+        # chunks only where each is cast to the accumulator's dtype first (bf16/fp16), to keep that copy small
+        step = chunk_rows(used[0]) if dx.dtype != used[0].dtype else max(ctx.sizes, default=1)
+        for t, g in zip(token.split(ctx.sizes), grads, strict=True):
+            if g is not None:
+                for s in range(0, g.shape[0], max(step, 1)):
+                    dx.index_add_(0, t[s : s + step], g[s : s + step].to(dx.dtype))
+        return dx.to(used[0].dtype), None, None
+
+
+def gather_pieces(x: torch.Tensor, token: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """[S, d] -> pieces of [sizes[i], d]: one row per assignment, in ``token`` order."""
+    return list(GatherPieces.apply(x, token, list(sizes)))
 
 
 def gather_rows(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
