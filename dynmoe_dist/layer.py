@@ -27,6 +27,7 @@ from .dispatch.expert_parallel import ExpertParallelDispatcher
 from .dispatch.traffic import Traffic
 from .errors import ConfigError, NonFiniteError, ShapeError, check
 from .experts import ExpertBank, SharedExperts
+from .experts.grouped import autocast_dtype
 from .parallel.collectives import all_reduce
 from .parallel.groups import ParallelGroups
 from .placement import PlacementTable
@@ -129,11 +130,28 @@ class MoELayer(nn.Module):
         plan.stats.dropped = dropped
         if self.recorder is not None and self.training:
             self.recorder.observe(plan.stats)
-        alongside = (lambda: self.shared(flat)) if self.shared is not None else None
-        out, traffic = self.dispatcher.run(flat, plan, self.experts, alongside)
+        out, traffic = self.dispatch(flat, plan)
         if self.check_finite:
             self.assert_finite(out, "output")
         return out.view(x.shape), MoEAux(plan.aux_loss(), plan.aux_losses, plan.stats, traffic)
+
+    def dispatch(self, flat: torch.Tensor, plan) -> tuple[torch.Tensor, Traffic]:
+        """Rows to the experts and back. Under autocast the rows travel and compute in its dtype (bf16: half the bytes
+        on the wire) with autocast off inside, where the experts' preallocated outputs could not follow its casts;
+        the shared experts, ordinary modules, keep autocast."""
+        device = flat.device.type
+        low = autocast_dtype(device)
+        if low is None:
+            alongside = (lambda: self.shared(flat)) if self.shared is not None else None
+            return self.dispatcher.run(flat, plan, self.experts, alongside)
+
+        def shared_under_autocast() -> torch.Tensor:
+            with torch.autocast(device, dtype=low):
+                return self.shared(flat)
+
+        alongside = shared_under_autocast if self.shared is not None else None
+        with torch.autocast(device, enabled=False):
+            return self.dispatcher.run(flat.to(low), plan, self.experts, alongside)
 
     def route(self, flat: torch.Tensor, importance: torch.Tensor | None):
         """The gate runs in its own parameters' dtype with autocast off, whatever the activations' dtype.

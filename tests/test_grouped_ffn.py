@@ -153,3 +153,11 @@ def test_cuda_grouped_gemm_equals_the_loop_in_bf16(activation):
     for w in fast.weights().values():
         for slot in (2, 4, 6):  # no rows
             assert float(w.grad[slot].abs().sum()) == 0
+
+
+def test_segments_that_do_not_cover_the_rows_are_refused():
+    from dynmoe_dist import ShapeError
+
+    b = bank("gelu", False)
+    with pytest.raises(ShapeError, match="cover 12 rows but 6 were given"):
+        b(torch.randn(6, D), [(0, 7), (3, 5)])

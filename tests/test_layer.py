@@ -256,3 +256,25 @@ def test_biased_experts_with_every_activation_match_a_per_token_reference(activa
                 h = acts[activation](h)
             want[t] += w * (h @ b.w_out[e] + b.b_out[e])
     torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+def test_layer_under_autocast_computes_its_rows_in_bf16(shared):
+    """Under autocast (the torch engine's bf16) the routed rows travel and compute in bf16: the same as feeding the
+    experts bf16 rows by hand (bitwise), the layer within bf16 rounding of fp32, and every gradient fp32 and finite."""
+    torch.manual_seed(0)
+    layer = MoELayer(D, FF, E, router={"kind": "top_k", "k": 2}, num_shared_experts=shared, seed=3)
+    x = torch.randn(4, 6, D)
+    y32, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = x.clone().requires_grad_()
+        y, _ = layer(xb)
+        rows, segments = x.reshape(-1, D)[:12], [(0, 7), (3, 5)]
+        by_autocast = layer.experts(rows, segments)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y32, rtol=3e-2, atol=3e-2)
+    assert by_autocast.shape == (12, D) and torch.equal(by_autocast, layer.experts(rows.bfloat16(), segments))
+    y.float().sum().backward()
+    for name, p in [("input", xb), *layer.named_parameters()]:
+        g = p.grad
+        assert g is not None and g.dtype == torch.float32 and torch.isfinite(g).all(), name

@@ -29,10 +29,11 @@ def chunk_rows(x: torch.Tensor) -> int:
 
 
 def accumulator(like: torch.Tensor, num_tokens: int, base: torch.Tensor | None = None) -> torch.Tensor:
-    """The [S, d] tensor rows are index_added into: zeros, or a copy of ``base``. bf16/fp16 rows add up in fp32 (the
-    caller rounds once at the end), as one ``index_add`` over all rows does: adding chunk by chunk in the rows' own
-    dtype would round after each chunk."""
-    acc = torch.float32 if like.element_size() < 4 else like.dtype
+    """The [S, d] tensor rows are index_added into: zeros, or a copy of ``base``. On CPU bf16/fp16 rows add up in
+    fp32 (the caller rounds once at the end), as one ``index_add`` over all rows does there: adding chunk by chunk in
+    the rows' own dtype would round after each chunk. On a GPU ``index_add`` adds atomically in the rows' dtype, one
+    piece per call, as the plain op does."""
+    acc = torch.float32 if like.element_size() < 4 and like.device.type == "cpu" else like.dtype
     if base is None:
         return like.new_zeros((num_tokens, like.shape[1]), dtype=acc)
     return base.to(acc, copy=True)

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import ShapeError
 from .activations import ACTIVATIONS, GATED, PLAIN
 from .grouped_gemm import grouped_gemm_available, grouped_gemm_ffn
 from .segment_ffn import GroupedFFN, merge_by_slot
 
-__all__ = ["ACTIVATIONS", "GEMMS", "expert_ffn", "grouped_ffn"]
+__all__ = ["ACTIVATIONS", "GEMMS", "autocast_dtype", "expert_ffn", "grouped_ffn"]
 
 GEMMS = ("auto", "loop", "grouped_mm")
 
@@ -40,6 +41,11 @@ def expert_ffn(
     return linear(h, "w_out", "b_out")
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on this device type, or None where autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def grouped_ffn(
     rows: torch.Tensor,
     segments: Sequence[tuple[int, int]],
@@ -58,6 +64,15 @@ def grouped_ffn(
     """
     activation = activation or ("swiglu" if w_gate is not None else "gelu")
     b = biases or {}
+    if sum(n for _, n in segments) != rows.shape[0]:
+        raise ShapeError(
+            f"grouped_ffn: the segments cover {sum(n for _, n in segments)} rows but {rows.shape[0]} were given; "
+            "each (slot, n) segment takes the next n rows, and together they must cover every row"
+        )
+    low = autocast_dtype(rows.device.type)
+    if low is not None:  # under autocast: the rows in its dtype, computed as such (out= buffers take no autocast)
+        with torch.autocast(rows.device.type, enabled=False):
+            return grouped_ffn(rows.to(low), segments, w_in, w_out, w_gate, activation, biases, gemm)
 
     # Weights follow the rows' dtype: bf16 activations compute in bf16 against fp32 parameters, whose gradients
     # arrive in fp32 through the cast (a no-op when the dtypes already agree).
