@@ -8,6 +8,7 @@ compare gradients as well as outputs.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -15,6 +16,9 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+# The suite runs DeepSpeed on CPU ranks over gloo; on a GPU host DeepSpeed would otherwise pick its CUDA accelerator at
+# import (test_train_cuda takes it back for its own runs).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 SEEDS = (0, 1, 2)
 GATES = ("top_any", "top_k", "top_p", "importance_k", "relu", "null")

@@ -21,6 +21,7 @@ BIN = Path(sys.executable).parent
 DOUBLES = Path(__file__).resolve().parent / "slurm_doubles"
 TINY = [
     "model=tiny",
+    "parallel.device=cpu",  # the suite runs on CPU ranks, on a GPU host too
     "data.seq_len=32",
     "data.batch_size=4",
     "steps=8",

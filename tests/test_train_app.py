@@ -4,6 +4,7 @@ the metrics and event files, wandb's offline files, what is printed last, and th
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from dynmoe_dist.train.report import PLOTS
 STEPS = 16
 ARGS = (
     "model=tiny",
+    "parallel.device=cpu",  # CPU ranks, on a GPU host too
     "data.seq_len=32",
     "data.batch_size=4",
     f"steps={STEPS}",
@@ -96,6 +98,20 @@ def test_both_engines_reach_the_same_losses(runs) -> None:
         [r["loss"] for r in records(runs[name][0] / "metrics.jsonl") if r["kind"] == "val"] for name in runs
     )  # fmt: skip
     assert ds == pytest.approx(pt, rel=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_bf16_tracks_the_fp32_run(runs, tmp_path: Path, engine: str) -> None:
+    """bf16 (DeepSpeed's bf16 engine; autocast under the torch engine, where the routed rows travel and compute in
+    bf16 with autocast off inside the layer) trains the same run as fp32 within bf16's rounding."""
+    proc = train(tmp_path, "name=bf16", f"engine={engine}", "engine.precision=bf16", "logging.wandb=disabled")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{engine} engine, bf16 on cpu" in proc.stderr
+    rows = records(tmp_path / "bf16" / "metrics.jsonl")
+    assert all(math.isfinite(r["grad_norm"]) for r in rows if r["kind"] == "train")
+    val = [r["loss"] for r in rows if r["kind"] == "val"]
+    fp32 = [r["loss"] for r in records(runs[engine][0] / "metrics.jsonl") if r["kind"] == "val"]
+    assert val == pytest.approx(fp32, rel=0.03) and val[-1] < val[0]
 
 
 def test_an_existing_run_is_never_overwritten(runs) -> None:

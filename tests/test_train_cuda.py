@@ -33,7 +33,8 @@ def test_training_on_gpus_in_bf16(tmp_path: Path, engine: str) -> None:
     cmd += ["-m", "dynmoe_dist.train", "model=tiny", "data.seq_len=64", "data.batch_size=8", "steps=30"]
     cmd += ["logging.every=10", "logging.val_every=30", "logging.wandb=disabled", f"engine={engine}"]
     cmd += ["adapt.record_steps=5", "adapt.idle_steps=5", "adapt.min_experts=2", f"out_dir={tmp_path}", "name=gpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # the suite's CPU default (conftest) off
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     config = (tmp_path / "gpu" / "config.yaml").read_text()
     assert "precision: auto" in config and "device: auto" in config

@@ -5,6 +5,7 @@ the norm of the whole model's gradient."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -230,3 +231,20 @@ def case_global_norm(ep_size: int) -> dict:
 def test_global_norm_counts_every_gradient_once(ep_size: int) -> None:
     for result in dist_pool.pool(2).run(case_global_norm, ep_size):
         assert result["norm"] == pytest.approx(result["truth"], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "device", "expected"), [(True, "cpu", "cpu"), (True, "cuda", None), (False, None, "cpu")]
+)
+def test_deepspeed_takes_the_cpu_accelerator_for_a_cpu_run(monkeypatch, cuda: bool, device, expected) -> None:
+    """On a GPU host a CPU run (parallel.device=cpu, CPU benchmarks) must not get DeepSpeed's CUDA accelerator, which
+    would move the model to a GPU; a GPU run leaves DeepSpeed to pick, and a user's own DS_ACCELERATOR always wins."""
+    from dynmoe_dist.train.engines.deepspeed_engine import import_deepspeed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    import_deepspeed(None if device is None else torch.device(device))
+    assert os.environ.get("DS_ACCELERATOR") == expected
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    import_deepspeed(torch.device("cpu"))
+    assert os.environ["DS_ACCELERATOR"] == "xpu"

@@ -14,7 +14,14 @@ from dynmoe_dist.train.config import TrainConfig, load_config
 from dynmoe_dist.train.data import Corpus
 
 # A model of a few thousand parameters, short sequences, few steps, no wandb: seconds per run.
-TINY = ("model=tiny", "data.seq_len=32", "data.batch_size=4", "logging.wandb=disabled", "logging.progress=none")
+TINY = (
+    "model=tiny",
+    "parallel.device=cpu",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "logging.wandb=disabled",
+    "logging.progress=none",
+)
 
 # Top-Any with windows of 3 steps + 1 idle, one expert slot to grow into and a low rebalance threshold; with
 # ``seed_events`` below, 20 steps see adds, removes and rebalances (checked by the tests that use it).

@@ -106,6 +106,8 @@ def init_local_rank(rank: int, world_size: int, port: int, timeout_s: float = 60
     import torch
     import torch.distributed as dist
 
+    # CPU ranks by design: DeepSpeed, if a body imports it, takes its CPU accelerator even on a GPU host
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(threads)
     dist.init_process_group(
         "gloo",

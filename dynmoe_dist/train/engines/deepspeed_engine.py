@@ -45,9 +45,15 @@ def deepspeed_config(batch_size: int, world_size: int, zero_stage: int, precisio
     return config
 
 
-def import_deepspeed():
-    """Import DeepSpeed quietly: its CPU accelerator named up front on a host without CUDA, its INFO lines off."""
-    if not torch.cuda.is_available():
+def import_deepspeed(device: torch.device | None = None):
+    """Import DeepSpeed quietly: its CPU accelerator named up front on a host without CUDA or for a run on the CPU
+    (``device``), its INFO lines off.
+
+    DeepSpeed picks its accelerator once, at import, from ``DS_ACCELERATOR`` or else from what the host has: on a GPU
+    host a CPU run (``parallel.device=cpu``, the test suite, the CPU benchmarks) would otherwise get the CUDA
+    accelerator, which moves the model to a GPU and talks NCCL. A value the user set wins.
+    """
+    if not torch.cuda.is_available() or (device is not None and device.type == "cpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     from deepspeed.utils import logger
@@ -56,7 +62,7 @@ def import_deepspeed():
     return deepspeed
 
 
-def init_deepspeed_comm(backend: str | None = None):
+def init_deepspeed_comm(backend: str | None = None, device: torch.device | None = None):
     """``deepspeed.init_distributed`` (wrapping a running ``torch.distributed``, or starting one on ``backend``), then
     unlink the shared-memory segments DeepSpeed's CPU all-reduce leaves behind; returns the deepspeed module.
 
@@ -66,7 +72,7 @@ def init_deepspeed_comm(backend: str | None = None):
     every peer's segment inside ``init_distributed``; after a barrier no rank opens one again, so each rank removes its
     own name and the mappings live on until the process exits.
     """
-    deepspeed = import_deepspeed()
+    deepspeed = import_deepspeed(device)
     dist = torch.distributed
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else (backend or "gloo"))
     if "nccl" in str(dist.get_backend()):
@@ -85,7 +91,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, model, groups, moe_opt, optim_cfg, ds_config: dict, device: torch.device) -> None:
         super().__init__(model, groups, moe_opt, optim_cfg.grad_clip, device)
-        deepspeed = init_deepspeed_comm()
+        deepspeed = init_deepspeed_comm(device=device)
         self.view = DenseView(model)
         # lr 0 until the first step sets it: DeepSpeed's bf16 wrapper takes one zero-gradient step while it sets up,
         # which with a real rate would already apply weight decay
