@@ -52,12 +52,16 @@ class GatherPieces(torch.autograd.Function):
         if not used:
             return None, None, None
         dx = accumulator(used[0], ctx.num_tokens)
-        # chunks only where each is cast to the accumulator's dtype first (bf16/fp16), to keep that copy small
-        step = chunk_rows(used[0]) if dx.dtype != used[0].dtype else max(ctx.sizes, default=1)
+        cast = dx.dtype != used[0].dtype  # bf16/fp16 on CPU: chunks, so each chunk's cast copy stays small
         for t, g in zip(token.split(ctx.sizes), grads, strict=True):
-            if g is not None:
-                for s in range(0, g.shape[0], max(step, 1)):
-                    dx.index_add_(0, t[s : s + step], g[s : s + step].to(dx.dtype))
+            if g is None:
+                continue
+            if not cast:
+                dx.index_add_(0, t, g)
+                continue
+            step = chunk_rows(g)
+            for s in range(0, g.shape[0], step):
+                dx.index_add_(0, t[s : s + step], g[s : s + step].to(dx.dtype))
         return dx.to(used[0].dtype), None, None
 
 
