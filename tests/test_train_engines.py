@@ -241,6 +241,9 @@ def test_deepspeed_takes_the_cpu_accelerator_for_a_cpu_run(monkeypatch, cuda: bo
     would move the model to a GPU; a GPU run leaves DeepSpeed to pick, and a user's own DS_ACCELERATOR always wins."""
     from dynmoe_dist.train.engines.deepspeed_engine import import_deepspeed
 
+    # imported for real first, on the suite's CPU accelerator: DeepSpeed fixes its accelerator at its first import,
+    # which must not happen below with CUDA faked and the variable cleared (later tests in this process would get CUDA)
+    import_deepspeed(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     import_deepspeed(None if device is None else torch.device(device))

@@ -64,9 +64,10 @@ def grouped_ffn(
     """
     activation = activation or ("swiglu" if w_gate is not None else "gelu")
     b = biases or {}
-    if sum(n for _, n in segments) != rows.shape[0]:
+    covered = sum(n for _, n in segments)
+    if covered != rows.shape[0]:
         raise ShapeError(
-            f"grouped_ffn: the segments cover {sum(n for _, n in segments)} rows but {rows.shape[0]} were given; "
+            f"grouped_ffn: the segments cover {covered} rows but {rows.shape[0]} were given; "
             "each (slot, n) segment takes the next n rows, and together they must cover every row"
         )
     low = autocast_dtype(rows.device.type)
