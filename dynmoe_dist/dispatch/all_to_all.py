@@ -121,8 +121,19 @@ def finish_all_to_all(buf: torch.Tensor, flight: InFlight) -> torch.Tensor:
 
 
 def exchange_counts(
-    send_counts: torch.Tensor, send_splits: list[int], recv_len: int, world: int, group, name: str
-) -> torch.Tensor:
-    """Small int64 all-to-all: rank r gets ``send_splits[r]`` counts from each peer, ``recv_len`` from every peer."""
+    send_counts: torch.Tensor,
+    send_splits: list[int],
+    recv_len: int,
+    world: int,
+    group,
+    name: str,
+    async_op: bool = False,
+):
+    """Small int64 all-to-all: rank r gets ``send_splits[r]`` counts from each peer, ``recv_len`` from every peer.
+
+    With ``async_op``: (the receive buffer, a handle to ``wait()`` on before reading it), so that work which needs
+    only this rank's own counts runs while the counts travel.
+    """
     out = send_counts.new_empty(world * recv_len)
-    return all_to_all_single(out, send_counts.contiguous(), [recv_len] * world, send_splits, group, name)
+    sent = all_to_all_single(out, send_counts.contiguous(), [recv_len] * world, send_splits, group, name, async_op)
+    return (out, sent) if async_op else out

@@ -1,7 +1,7 @@
 """Expert-parallel dispatcher: rows travel to the rank that owns their expert and come back for the combine.
 
-    sort assignments: this rank's own experts first, then by (owner rank, slot)
-    all-to-all of per-(destination, slot) counts          -> every rank knows what it will receive
+    start the all-to-all of per-(destination, slot) counts -> every rank will know what it receives
+      meanwhile: sort the assignments (own experts first, then by (owner rank, slot)) and gather the rows
     (with shared experts: they run while the rows for other ranks travel, whichever mode below)
     with many rows per local expert (>= OVERLAP_MIN_ROWS), overlap:
     start the all-to-all of the rows for other ranks      -> uneven split sizes, the row count of each peer
@@ -101,23 +101,25 @@ class ExpertParallelDispatcher:
         n_local = per_rank[me]
         rank_key, send_key = self.keys(plan.expert.device)
 
-        # counts in (rank, slot) order for the exchange; rows in send order (own experts first)
+        # counts in (rank, slot) order for the exchange; rows in send order (own experts first). The counts travel
+        # while the rows are sorted and gathered: that needs only what this rank sends itself.
         rank_order = torch.bincount(rank_key[plan.expert], minlength=table.num_experts)
-        received = exchange_counts(rank_order, per_rank, n_local, world, group, f"{self.name}.dispatch.counts")
-        per_source = received.view(world, n_local).tolist()  # [source rank][my slot]
+        received, in_flight = exchange_counts(
+            rank_order, per_rank, n_local, world, group, f"{self.name}.dispatch.counts", async_op=True
+        )
         counts = rank_order.tolist()
+        n_self = sum(counts[bounds[me] : bounds[me + 1]])
+        perm = sort_by_expert(plan.token, send_key[plan.expert], plan.weight, table.num_experts)
+        # own rows in two halves (the overlapped mode computes one while each exchange travels), then outgoing rows
+        pieces = gather_pieces(x, perm.token, [n_self // 2, n_self - n_self // 2, plan.num_assignments - n_self])
+        in_flight.wait()
+
+        per_source = received.view(world, n_local).tolist()  # [source rank][my slot]
         send_splits = [0 if r == me else sum(counts[bounds[r] : bounds[r + 1]]) for r in range(world)]
         recv_splits = [0 if r == me else sum(row) for r, row in enumerate(per_source)]
-
-        perm = sort_by_expert(plan.token, send_key[plan.expert], plan.weight, table.num_experts)
-        n_self = sum(per_source[me])
         own = [(slot, n) for slot, n in enumerate(per_source[me]) if n]
         remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
         rows_here = n_self + sum(recv_splits)
-        overlap = self.overlaps(rows_here, n_local)
-        # the rows in the pieces the mode computes them in: own rows (in two halves when overlapping), outgoing rows
-        own_sizes = [n_self // 2, n_self - n_self // 2] if overlap else [n_self]
-        pieces = gather_pieces(x, perm.token, [*own_sizes, plan.num_assignments - n_self])
 
         base = None  # alongside's output, computed while the dispatch exchange travels
 
@@ -131,7 +133,7 @@ class ExpertParallelDispatcher:
         def combine(results: torch.Tensor):
             return start_all_to_all(results, send_splits, recv_splits, group, f"{self.name}.combine.rows")
 
-        run = self.overlapped if overlap else self.merged
+        run = self.overlapped if self.overlaps(rows_here, n_local) else self.merged
         outputs = run(pieces, own, remote, experts, dispatch, combine)
         out = combine_rows(outputs, perm.token, perm.weight, x.shape[0], base)
         traffic = Traffic(
@@ -157,14 +159,13 @@ class ExpertParallelDispatcher:
     @staticmethod
     def merged(pieces, own, remote, experts, dispatch, combine) -> list[torch.Tensor]:
         """Output pieces in send order; every expert runs once on its own and received rows together."""
-        own_rows, outgoing = pieces
+        first, second, outgoing = pieces
         buf, flight = dispatch(outgoing)
-        local_rows = torch.cat([own_rows, finish_all_to_all(buf, flight)])
-        y_own, y_remote = experts(local_rows, own + remote).split(
-            [own_rows.shape[0], local_rows.shape[0] - own_rows.shape[0]]
-        )
+        received = finish_all_to_all(buf, flight)
+        sizes = [first.shape[0], second.shape[0], received.shape[0]]
+        y_first, y_second, y_remote = experts(torch.cat([first, second, received]), own + remote).split(sizes)
         buf, flight = combine(y_remote)
-        return [y_own, finish_all_to_all(buf, flight)]
+        return [y_first, y_second, finish_all_to_all(buf, flight)]
 
     def overlaps(self, rows: int, n_local: int) -> bool:
         """Overlap compute with the exchanges, or run every expert once on all its rows (see OVERLAP_MIN_ROWS)."""
