@@ -327,6 +327,30 @@ def test_init_distributed_rejects_bad_arguments():
             init_distributed(backend="nccl", env=DistEnv(0, 1, 0, 1, "127.0.0.1", 1, "single"))
 
 
+def case_check_one_gpu_per_rank(gpus: list[list[str]]) -> str:
+    import torch.distributed as dist
+
+    from dynmoe_dist.parallel.bootstrap import check_one_gpu_per_rank
+
+    try:
+        check_one_gpu_per_rank(tuple(gpus[dist.get_rank()]), 1)
+    except DynMoEError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_ranks_on_one_gpu_get_an_error_naming_them_and_the_fix():
+    """Real ranks compare their (host, GPU UUID) over gloo: all of them fail alike on a shared GPU, none otherwise."""
+    import dist_pool
+
+    pool = dist_pool.pool(2)
+    for message in pool.run(case_check_one_gpu_per_rank, [["node0", "GPU-a"], ["node0", "GPU-a"]]):
+        assert "ranks [0, 1] all run on GPU GPU-a of node0" in message, message
+        assert "--nproc_per_node" in message and "parallel.device=cpu" in message, message
+    assert pool.run(case_check_one_gpu_per_rank, [["node0", "GPU-a"], ["node0", "GPU-b"]]) == ["ok", "ok"]
+    assert pool.run(case_check_one_gpu_per_rank, [["node0", "GPU-a"], ["node1", "GPU-a"]]) == ["ok", "ok"]
+
+
 @pytest.fixture
 def restore_environ():
     saved = dict(os.environ)

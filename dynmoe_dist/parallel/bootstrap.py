@@ -85,7 +85,38 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None, env: 
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    if backend == "nccl" and env.world_size > 1:
+        check_one_gpu_per_rank((socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid)), visible)
     return env
+
+
+def shared_gpus(gpus: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:
+    """(host, GPU UUID) per rank -> the GPUs more than one rank landed on, with those ranks."""
+    ranks: dict[tuple[str, str], list[int]] = {}
+    for rank, gpu in enumerate(gpus):
+        ranks.setdefault(gpu, []).append(rank)
+    return {gpu: r for gpu, r in ranks.items() if len(r) > 1}
+
+
+def check_one_gpu_per_rank(gpu: tuple[str, str], visible: int) -> None:
+    """Two ranks on one GPU make NCCL fail at its first collective with "invalid usage", naming neither the ranks nor
+    the fix (e.g. 2 ranks per node on a 1-GPU host, where one visible GPU reads like a per-task binding). So the ranks
+    compare their (host, GPU UUID) over a gloo side group first, and a shared one is an error that says what to
+    change, on every rank alike."""
+    import torch.distributed as dist
+
+    side = dist.new_group(backend="gloo")
+    gpus: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gpus, gpu, side)
+    dist.destroy_process_group(side)
+    shared = shared_gpus(gpus)
+    if shared:
+        (host, uuid), ranks = next(iter(shared.items()))
+        raise DynMoEError(
+            f"ranks {ranks} all run on GPU {uuid} of {host} ({visible} visible there): NCCL needs one GPU per rank. "
+            "Start at most one rank per GPU on each node (torchrun --nproc_per_node, deepspeed --num_gpus), give each "
+            "task its own GPU (srun --gpus-per-task=1), or train on CPU (parallel.device=cpu, backend gloo)"
+        )
 
 
 def shutdown() -> None:
