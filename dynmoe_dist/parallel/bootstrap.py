@@ -86,7 +86,8 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None, env: 
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     if backend == "nccl" and env.world_size > 1:
-        check_one_gpu_per_rank((socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid)), visible)
+        gpu = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
+        check_one_gpu_per_rank(gpu, visible, timeout_s)
     return env
 
 
@@ -98,16 +99,18 @@ def shared_gpus(gpus: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]
     return {gpu: r for gpu, r in ranks.items() if len(r) > 1}
 
 
-def check_one_gpu_per_rank(gpu: tuple[str, str], visible: int) -> None:
+def check_one_gpu_per_rank(gpu: tuple[str, str], visible: int, timeout_s: float = 600.0) -> None:
     """Two ranks on one GPU make NCCL fail at its first collective with "invalid usage", naming neither the ranks nor
     the fix (e.g. 2 ranks per node on a 1-GPU host, where one visible GPU reads like a per-task binding). So the ranks
     compare their (host, GPU UUID) over a gloo side group first, and a shared one is an error that says what to
     change, on every rank alike."""
     import torch.distributed as dist
 
-    side = dist.new_group(backend="gloo")
+    from .collectives import guarded
+
+    side = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))  # not torch's 30 minutes
     gpus: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gpus, gpu, side)
+    guarded("bootstrap.gpus", lambda: dist.all_gather_object(gpus, gpu, side))
     dist.destroy_process_group(side)
     shared = shared_gpus(gpus)
     if shared:
