@@ -8,10 +8,11 @@ a rank that does not answer in time fails it too (and the pool is rebuilt), so a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import queue
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -29,6 +30,30 @@ def groups(ep_size: int):
     if ep_size not in _GROUPS:
         _GROUPS[ep_size] = build_groups(ep_size)
     return _GROUPS[ep_size]
+
+
+@contextlib.contextmanager
+def logged_exchanges(log: list[str]) -> Iterator[None]:
+    """Within: every all-to-all the dispatcher starts ("start NAME") and every async wait ("wait NAME") is appended to
+    ``log`` while the real collective runs, so tests can check what overlaps what."""
+    from dynmoe_dist.dispatch import all_to_all as a2a
+    from dynmoe_dist.parallel import collectives
+
+    start, wait = a2a.all_to_all_single, collectives.GuardedWork.wait
+
+    def logged_start(*args, **kwargs):
+        log.append(f"start {args[5]}")
+        return start(*args, **kwargs)
+
+    def logged_wait(self):
+        log.append(f"wait {self.name}")
+        return wait(self)
+
+    a2a.all_to_all_single, collectives.GuardedWork.wait = logged_start, logged_wait
+    try:
+        yield
+    finally:
+        a2a.all_to_all_single, collectives.GuardedWork.wait = start, wait
 
 
 def _worker(rank: int, world: int, port: int, tasks, results, timeout_s: float) -> None:

@@ -156,32 +156,23 @@ def test_every_rank_empty_does_not_hang() -> None:
 
 def case_counts_travel_while_rows_are_gathered(overlap_min_rows: int) -> list[str]:
     """This rank's order of events: the real collectives started and waited for (logged), and the row gather."""
-    from dynmoe_dist.dispatch import all_to_all as a2a
     from dynmoe_dist.dispatch import expert_parallel as ep
-    from dynmoe_dist.parallel import collectives
 
     layer = MoELayer(D, D_FF, 4, {"kind": "top_k", "k": 2}, groups=dist_pool.groups(dist.get_world_size()), seed=3)
     layer.dispatcher.overlap_min_rows = overlap_min_rows
     log: list[str] = []
-    start, wait, gather = a2a.all_to_all_single, collectives.GuardedWork.wait, ep.gather_pieces
-
-    def logged_start(*args, **kwargs):
-        log.append(f"start {args[5]}")
-        return start(*args, **kwargs)
-
-    def logged_wait(self):
-        log.append(f"wait {self.name}")
-        return wait(self)
+    gather = ep.gather_pieces
 
     def logged_gather(*args, **kwargs):
         log.append("gather")
         return gather(*args, **kwargs)
 
-    a2a.all_to_all_single, collectives.GuardedWork.wait, ep.gather_pieces = logged_start, logged_wait, logged_gather
+    ep.gather_pieces = logged_gather
     try:
-        layer(torch.randn(16, D, generator=torch.Generator().manual_seed(dist.get_rank())))
+        with dist_pool.logged_exchanges(log):
+            layer(torch.randn(16, D, generator=torch.Generator().manual_seed(dist.get_rank())))
     finally:
-        a2a.all_to_all_single, collectives.GuardedWork.wait, ep.gather_pieces = start, wait, gather
+        ep.gather_pieces = gather
     return log
 
 

@@ -191,31 +191,15 @@ def test_adaptation_never_touches_shared_experts():
 
 def case_shared_experts_run_while_rows_travel(overlap_min_rows: int) -> list[str]:
     """The order of events on this rank: exchanges started and waited for (the real ones, logged), shared experts."""
-    from dynmoe_dist.dispatch import all_to_all as a2a
-    from dynmoe_dist.parallel import collectives
-
     groups = dist_pool.groups(dist.get_world_size())
     layer = MoELayer(D, FF, 4, {"kind": "top_k", "k": 2}, groups=groups, num_shared_experts=1, seed=2)
     layer.dispatcher.overlap_min_rows = overlap_min_rows
     log: list[str] = []
-    start, wait = a2a.all_to_all_single, collectives.GuardedWork.wait
-
-    def logged_start(*args, **kwargs):
-        log.append(f"start {args[5]}")
-        return start(*args, **kwargs)
-
-    def logged_wait(self):
-        log.append(f"wait {self.name}")
-        return wait(self)
-
-    a2a.all_to_all_single, collectives.GuardedWork.wait = logged_start, logged_wait
     layer.shared.register_forward_hook(lambda *_: log.append("shared forward"))
     layer.shared.w_in.register_post_accumulate_grad_hook(lambda _: log.append("shared backward"))
-    try:
+    with dist_pool.logged_exchanges(log):
         y, _ = layer(torch.randn(32, D, generator=torch.Generator().manual_seed(dist.get_rank())))
         y.square().sum().backward()
-    finally:
-        a2a.all_to_all_single, collectives.GuardedWork.wait = start, wait
     return log
 
 
