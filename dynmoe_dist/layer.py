@@ -13,6 +13,10 @@ which all ranks must seed alike), so no broadcast is needed at start.
 
 Shared experts (``num_shared_experts``, DeepSeekMoE): always-on FFNs every token passes through, added to the
 routed output. They are dense parameters (``moe_parameters`` leaves them out) and run while the routed rows travel.
+
+Shadow experts (``shadow_experts=n``, FasterMoE's shadowing): per step, up to n of the busiest rank's hottest experts
+are copied to the other ranks, which compute part of their own rows for them instead of sending them; the copies'
+gradients are summed into the owners' at the end of the backward (``dispatch/shadow.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from .dispatch import LocalDispatcher, apply_capacity, check_capacity_factor
-from .dispatch.expert_parallel import ExpertParallelDispatcher
+from .dispatch.expert_parallel import SHADOW_MIN_ROWS, ExpertParallelDispatcher
 from .dispatch.traffic import Traffic
 from .errors import ConfigError, NonFiniteError, ShapeError, check
 from .experts import ExpertBank, SharedExperts
@@ -62,10 +66,21 @@ class MoELayer(nn.Module):
         placement: PlacementTable | None = None,
         seed: int | None = None,
         name: str = "moe",
+        shadow_experts: int = 0,
+        shadow_min_rows: int = SHADOW_MIN_ROWS,
     ) -> None:
         super().__init__()
         check(isinstance(num_experts, int) and num_experts >= 1, "num_experts", num_experts, "an integer >= 1")
         check_capacity_factor(capacity_factor)
+        check(
+            isinstance(shadow_experts, int) and shadow_experts >= 0, "shadow_experts", shadow_experts, "an integer >= 0"
+        )
+        check(
+            isinstance(shadow_min_rows, int) and shadow_min_rows >= 1,
+            "shadow_min_rows",
+            shadow_min_rows,
+            "an integer >= 1",
+        )
         self.d_model = d_model
         self.capacity_factor = capacity_factor
         self.min_capacity = min_capacity  # with a capacity factor: no expert keeps fewer (DeepSpeed's min_capacity)
@@ -86,7 +101,9 @@ class MoELayer(nn.Module):
                     f"the router's {num_experts} expert ids on ep_size={groups.ep_size} ranks",
                 )
             local_ids = table.experts_on(groups.ep_rank)
-            self.dispatcher: LocalDispatcher | ExpertParallelDispatcher = ExpertParallelDispatcher(groups, table, name)
+            self.dispatcher: LocalDispatcher | ExpertParallelDispatcher = ExpertParallelDispatcher(
+                groups, table, name, shadow_experts, shadow_min_rows
+            )
         else:
             local_ids = self.router.expert_ids.tolist()
             self.dispatcher = LocalDispatcher(PlacementTable.contiguous(local_ids, 1))

@@ -44,10 +44,11 @@ def test_bench_row_ops_checks_both_implementations_agree(capsys):
 
 def test_bench_expert_parallel_runs_with_shared_experts(capsys):
     args = ["--tokens", "64", "--d-model", "16", "--d-ff", "32", "--repeats", "1", "--no-tutel"]
-    expert_parallel.main([*args, "--shared-experts", "2"])
+    expert_parallel.main([*args, "--shared-experts", "2", "--shadow-min-rows", "1"])
     doc = last_json(capsys.readouterr().out)
-    balanced, *skewed = doc["results"]
-    assert [r["scenario"] for r in doc["results"]] == ["balanced", "skewed", "skewed+rebalanced"]
+    balanced, skewed, _, shadowed = doc["results"]
+    assert [r["scenario"] for r in doc["results"]] == ["balanced", "skewed", "skewed+rebalanced", "skewed+shadows"]
+    assert shadowed["ours_rows_computed"] < skewed["ours_rows_computed"]  # the busiest rank's rows
     assert balanced["shared_experts"] == 2 and balanced["shared_alone_ms"] > 0 and "shared_cost_ratio" in balanced
     for r in doc["results"]:
         assert r["max_abs_diff"] < 1e-4  # DeepSpeed computed what ours did

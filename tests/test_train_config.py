@@ -82,6 +82,8 @@ def test_unknown_keys_and_wrong_types_are_named_by_hydra(overrides: list[str], n
         (["moe=top_p", "moe.router.p=1.5"], 2, "moe.router.p", "(0, 1]"),
         (["moe=top_k", "moe.router.k=3", "adapt.min_experts=2"], 2, "moe.router.k", "adapt.min_experts"),
         (["moe.num_experts=20"], 2, "moe.num_experts", "adapt.max_experts=16"),
+        (["moe.shadow_experts=-1"], 2, "moe.shadow_experts", "0: no shadows"),
+        (["moe.shadow_min_rows=0"], 2, "moe.shadow_min_rows", "an integer >= 1"),
         (["engine=torch", "engine.zero_stage=2"], 2, "engine.zero_stage", "engine=torch"),
         (["engine.zero_stage=3"], 2, "engine.zero_stage", "0, 1 or 2"),
         (["+engine.deepspeed.gradient_clipping=1.0"], 2, "engine.deepspeed.gradient_clipping", "optim.grad_clip"),

@@ -2,9 +2,11 @@
 
 Scenarios at 2 ranks (4096 tokens per rank, d=256, d_ff=1024, 8 experts, top-2, DeepSpeed dropless):
 (a) balanced routing; (b) skewed routing, where most tokens pick the same two experts; (c) skewed with our layer on
-the placement the planner picks. Reported: forward+backward time of each and their ratio (interleaved in the same
-processes), rows moved per assignment (padding ratio: ours is exactly 1.0), rows computed per assignment, and
-all-to-all bytes per forward+backward. Outputs are compared first, so the timing compares the same computation.
+the placement the planner picks; (d) skewed with our layer copying the busiest rank's two hottest experts to the other
+rank each step (``shadow_experts=2``, dispatch/shadow.py). Reported: forward+backward time of each and their ratio
+(interleaved in the same processes), rows moved per assignment (padding ratio: ours is exactly 1.0), rows computed per
+assignment, and all-to-all bytes per forward+backward.
+Outputs are compared first, so the timing compares the same computation.
 
 Shared experts (DeepSeekMoE): in the balanced scenario our layer also runs with ``--shared-experts`` always-on
 experts (each of d_ff), timed beside the same layer without them and the shared FFN alone. ``shared_cost_ratio`` =
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..adapt.planner import plan_placement
+from ..dispatch.expert_parallel import SHADOW_MIN_ROWS
 from ..experts import ExpertBank
 from ..layer import MoELayer
 from ..parallel import build_groups
@@ -73,11 +76,21 @@ def rebalanced(layer: MoELayer, x: torch.Tensor, groups, a: argparse.Namespace) 
 
 
 def scenario(
-    name: str, skew: float, a: argparse.Namespace, rank: int, world: int, rebalance: bool = False, shared: int = 0
+    name: str,
+    skew: float,
+    a: argparse.Namespace,
+    rank: int,
+    world: int,
+    rebalance: bool = False,
+    shared: int = 0,
+    shadows: int = 0,
 ) -> dict:
     groups = build_groups(world)
     router = {"kind": "top_k", "k": 2, "balance_weight": 0.0}
-    ours = MoELayer(a.d_model, a.d_ff, a.experts, router, groups=groups, seed=0)
+    ours = MoELayer(
+        a.d_model, a.d_ff, a.experts, router, groups=groups, seed=0,
+        shadow_experts=shadows, shadow_min_rows=a.shadow_min_rows,
+    )  # fmt: skip
     full = ExpertBank(a.d_model, a.d_ff, list(range(a.experts)), "gelu", seed=0)
     router_weight = ours.router.weight.detach()
     peer = build_deepspeed_moe(
@@ -210,6 +223,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
         scenario("balanced", 0.0, a, rank, world, shared=a.shared_experts),
         scenario("skewed", a.skew, a, rank, world),
         scenario("skewed+rebalanced", a.skew, a, rank, world, rebalance=True),
+        scenario("skewed+shadows", a.skew, a, rank, world, shadows=2),
     ]
 
 
@@ -218,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     add_shape_args(p, repeats=20)
     p.add_argument("--no-tutel", dest="tutel", action="store_false", help="leave the Tutel peer out")
     p.add_argument("--shared-experts", type=int, default=1, help="shared experts timed in the balanced scenario")
+    p.add_argument(
+        "--shadow-min-rows",
+        type=int,
+        default=SHADOW_MIN_ROWS,
+        help="fewest rows a shadow must move in the skewed+shadows scenario (MoELayer's shadow_min_rows)",
+    )
     p.add_argument(
         "--sweep", action="store_true", help="balanced routing at 8-128 experts, d 256 and 512 (bench layer)"
     )

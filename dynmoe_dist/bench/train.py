@@ -21,6 +21,9 @@
     every rank computes exactly the mean rows in every layer and step: not a model anyone trains, but the bound of
     what any load balancing (placement, replicated hot experts) could gain over (a). The ratio (a)/(i) is the whole
     cost of the uneven load.
+(j) ``ours_top2_shadowed``: (a) with shadow experts (``moe.shadow_experts=2``, dispatch/shadow.py): each step the
+    busiest rank's hottest experts are copied to the other rank, which computes part of its rows for them; the
+    busiest rank's rows fall to about the mean, at the price of the weights' broadcast and gradient all-reduce.
 
 Routing right after initialisation is far from what training sees for most of its steps (byte-level data sends whole
 byte classes to the same experts until the balance loss spreads them), so the top-2 variants start from one warm
@@ -74,6 +77,7 @@ VARIANTS = {
     "ours_top_any": ["moe=top_any"],
     "ours_top2_rebalanced": ["moe=top_k"],
     "ours_top2_balanced": ["moe=top_k"],
+    "ours_top2_shadowed": ["moe=top_k", "moe.shadow_experts=2"],
     "tutel_dropless": ["moe=top_k"],
     "tutel_cf1": ["moe=top_k"],
 }
@@ -94,6 +98,8 @@ RATIOS = (
     ("ours_top2_rebalanced", "deepspeed_dropless", 0.85),
     ("ours_top2", "ours_top2_balanced", None),
     ("ours_top2_balanced", "deepspeed_cf1", None),
+    ("ours_top2_shadowed", "deepspeed_cf1", None),
+    ("ours_top2", "ours_top2_shadowed", None),
 )
 
 

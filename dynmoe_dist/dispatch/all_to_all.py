@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..parallel.collectives import GuardedWork, all_to_all_single
+from ..parallel.collectives import GuardedWork, all_to_all_single, guarded
 
 
 def _requiring_grad(x: torch.Tensor) -> torch.Tensor:
@@ -137,3 +137,11 @@ def exchange_counts(
     out = send_counts.new_empty(world * recv_len)
     sent = all_to_all_single(out, send_counts.contiguous(), [recv_len] * world, send_splits, group, name, async_op)
     return (out, sent) if async_op else out
+
+
+def gather_counts(counts: torch.Tensor, world: int, group, name: str) -> tuple[torch.Tensor, GuardedWork]:
+    """Every rank's whole count vector, started: ([world * len(counts)] buffer, handle). Shadow experts need the
+    world's loads on every rank (``shadow.plan_shadows``); the all-to-all above sends each rank only its own column."""
+    out = counts.new_empty(world * counts.numel())
+    work = guarded(name, lambda: dist.all_gather_single(out, counts.contiguous(), group=group, async_op=True))
+    return out, GuardedWork(work, name)

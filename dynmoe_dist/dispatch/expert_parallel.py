@@ -1,6 +1,7 @@
 """Expert-parallel dispatcher: rows travel to the rank that owns their expert and come back for the combine.
 
     start the all-to-all of per-(destination, slot) counts -> every rank will know what it receives
+      (with shadow experts: an all-gather of every rank's counts, and the hot experts' weights are broadcast)
       meanwhile: sort the assignments (own experts first, then by (owner rank, slot)) and gather the rows
     (with shared experts: they run while the rows for other ranks travel, whichever mode below)
     with many rows per local expert (>= OVERLAP_MIN_ROWS), overlap:
@@ -28,9 +29,10 @@ from ..experts import ExpertBank
 from ..parallel.groups import ParallelGroups
 from ..placement import PlacementTable
 from ..routing.plan import RoutingPlan
-from .all_to_all import exchange_counts, finish_all_to_all, start_all_to_all
+from .all_to_all import exchange_counts, finish_all_to_all, gather_counts, start_all_to_all
 from .combine import combine_rows
 from .permute import gather_pieces, sort_by_expert
+from .shadow import PendingShadows, Shadow, broadcast_weights, flush_after_backward, plan_shadows, register
 from .traffic import Traffic
 
 
@@ -62,12 +64,46 @@ def split_segments(segments: list[tuple[int, int]], rows: int) -> tuple[list[tup
 OVERLAP_MIN_ROWS = 1024
 
 
+# A shadow moving fewer rows than this in all is not worth its weights' broadcast and gradient all-reduce (2 MB each
+# way for a 256x1024 FFN: about 3 ms on loopback gloo, the compute of some 200 rows on one CPU core).
+SHADOW_MIN_ROWS = 256
+
+
+def kept_order(
+    counts: list[int], bounds: list[int], me: int, n_self: int, kept: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """(start, length) ranges of the send order, reordered: own rows, then the rows this rank keeps for each shadow
+    ((rank-order position, rows): the first rows of that expert's block), then the rest of the outgoing rows."""
+    start, p_start = n_self, {}
+    for p in [p for p in range(len(counts)) if not bounds[me] <= p < bounds[me + 1]]:
+        p_start[p] = start
+        start += counts[p]
+    ranges, cut = [(0, n_self)], {}
+    for p, k in kept:
+        ranges.append((p_start[p], k))
+        cut[p_start[p]] = k
+    for p in sorted(p_start, key=p_start.get):
+        skip = cut.get(p_start[p], 0)
+        if counts[p] - skip:
+            ranges.append((p_start[p] + skip, counts[p] - skip))
+    return [(s, n) for s, n in ranges if n]
+
+
 class ExpertParallelDispatcher:
-    def __init__(self, groups: ParallelGroups, placement: PlacementTable, name: str = "moe") -> None:
+    def __init__(
+        self,
+        groups: ParallelGroups,
+        placement: PlacementTable,
+        name: str = "moe",
+        shadow_experts: int = 0,
+        shadow_min_rows: int = SHADOW_MIN_ROWS,
+    ) -> None:
         self.groups = groups
         self.name = name
         self.placement = placement
         self.overlap_min_rows = OVERLAP_MIN_ROWS
+        self.shadow_experts = shadow_experts  # at most this many experts copied per step (0: off); see shadow.py
+        self.shadow_min_rows = shadow_min_rows
 
     @property
     def placement(self) -> PlacementTable:
@@ -104,22 +140,60 @@ class ExpertParallelDispatcher:
         # counts in (rank, slot) order for the exchange; rows in send order (own experts first). The counts travel
         # while the rows are sorted and gathered: that needs only what this rank sends itself.
         rank_order = torch.bincount(rank_key[plan.expert], minlength=table.num_experts)
-        received, in_flight = exchange_counts(
-            rank_order, per_rank, n_local, world, group, f"{self.name}.dispatch.counts", async_op=True
-        )
+        shadowing = self.shadow_experts > 0
+        if shadowing:
+            gathered, in_flight = gather_counts(rank_order, world, group, f"{self.name}.dispatch.counts")
+        else:
+            received, in_flight = exchange_counts(
+                rank_order, per_rank, n_local, world, group, f"{self.name}.dispatch.counts", async_op=True
+            )
         counts = rank_order.tolist()
         n_self = sum(counts[bounds[me] : bounds[me + 1]])
         perm = sort_by_expert(plan.token, send_key[plan.expert], plan.weight, table.num_experts)
-        # own rows in two halves (the overlapped mode computes one while each exchange travels), then outgoing rows
-        pieces = gather_pieces(x, perm.token, [n_self // 2, n_self - n_self // 2, plan.num_assignments - n_self])
+        token, weight = perm.token, perm.weight
+        # own rows in two halves (the overlapped mode computes one while each exchange travels), kept rows (shadows),
+        # outgoing rows; without shadows they are gathered while the counts travel
+        sizes = [n_self // 2, n_self - n_self // 2, 0, plan.num_assignments - n_self]
+        pieces = None if shadowing else gather_pieces(x, token, sizes)
         in_flight.wait()
 
-        per_source = received.view(world, n_local).tolist()  # [source rank][my slot]
-        send_splits = [0 if r == me else sum(counts[bounds[r] : bounds[r + 1]]) for r in range(world)]
+        shadows: list[Shadow] = []
+        if shadowing:
+            matrix = gathered.view(world, table.num_experts).tolist()  # [source rank][rank-order position]
+            shadows = plan_shadows(matrix, list(bounds), self.shadow_experts, self.shadow_min_rows)
+            per_source = [row[bounds[me] : bounds[me + 1]] for row in matrix]
+            for sh in shadows:  # rows a source keeps for a shadow are not sent to the owner
+                if sh.owner == me:
+                    for s, k in enumerate(sh.keep):
+                        per_source[s][sh.slot] -= k
+        else:
+            per_source = received.view(world, n_local).tolist()  # [source rank][my slot]
+        kept = [(sh.position, sh.keep[me]) for sh in shadows if sh.keep[me]]
+        n_kept = sum(k for _, k in kept)
+        if n_kept:  # the kept rows move up behind the own rows, out of the outgoing block
+            ranges = kept_order(counts, list(bounds), me, n_self, kept)
+            order = torch.cat([torch.arange(s, s + n, device=token.device) for s, n in ranges])
+            token, weight = token[order], weight[order]
+        if pieces is None:
+            pieces = gather_pieces(x, token, [*sizes[:2], n_kept, sizes[3] - n_kept])
+
+        kept_from = [0] * world
+        for sh in shadows:
+            kept_from[sh.owner] += sh.keep[me]
+        send_splits = [0 if r == me else sum(counts[bounds[r] : bounds[r + 1]]) - kept_from[r] for r in range(world)]
         recv_splits = [0 if r == me else sum(row) for r, row in enumerate(per_source)]
         own = [(slot, n) for slot, n in enumerate(per_source[me]) if n]
         remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
-        rows_here = n_self + sum(recv_splits)
+        rows_here = n_self + sum(recv_splits) + n_kept
+
+        def shadow_ffn(rows: torch.Tensor) -> torch.Tensor:
+            return rows.new_zeros(0, x.shape[1]) if not rows.shape[0] else experts(rows, shadow_segments, copies)
+
+        copies, shadow_segments = None, [(i, sh.keep[me]) for i, sh in enumerate(shadows) if sh.keep[me]]
+        if shadows:
+            copies = broadcast_weights(shadows, dict(experts.weights()), me, group, self.name)
+            if torch.is_grad_enabled():
+                register(PendingShadows(shadows, copies, dict(experts.weights()), me, group, self.name))
 
         base = None  # alongside's output, computed while the dispatch exchange travels
 
@@ -134,38 +208,45 @@ class ExpertParallelDispatcher:
             return start_all_to_all(results, send_splits, recv_splits, group, f"{self.name}.combine.rows")
 
         run = self.overlapped if self.overlaps(rows_here, n_local) else self.merged
-        outputs = run(pieces, own, remote, experts, dispatch, combine)
-        out = combine_rows(outputs, perm.token, perm.weight, x.shape[0], base)
+        outputs = run(pieces, own, remote, experts, shadow_ffn, dispatch, combine)
+        out = combine_rows(outputs, token, weight, x.shape[0], base)
+        if shadows:
+            out = flush_after_backward(out)
         traffic = Traffic(
             assignments=plan.num_assignments,
             rows_sent=plan.num_assignments,
             rows_sent_off_rank=sum(send_splits),
             rows_computed=rows_here,
             row_bytes=x.shape[1] * x.element_size(),
+            rows_shadowed=n_kept,
+            experts_shadowed=len(shadows),
         )
         return out, traffic
 
     @staticmethod
-    def overlapped(pieces, own, remote, experts, dispatch, combine) -> list[torch.Tensor]:
-        """Output pieces in send order; half of the own rows hides the dispatch exchange, the other half the combine."""
-        first, second, outgoing = pieces
+    def overlapped(pieces, own, remote, experts, shadow, dispatch, combine) -> list[torch.Tensor]:
+        """Output pieces in send order; half of the own rows and the kept rows hide the dispatch exchange, the other
+        half the combine."""
+        first, second, kept, outgoing = pieces
         own_first, own_second = split_segments(own, first.shape[0])
         buf, flight = dispatch(outgoing)
         y_first = experts(first, own_first)
+        y_kept = shadow(kept)
         buf, flight = combine(experts(finish_all_to_all(buf, flight), remote))
         y_second = experts(second, own_second)
-        return [y_first, y_second, finish_all_to_all(buf, flight)]
+        return [y_first, y_second, y_kept, finish_all_to_all(buf, flight)]
 
     @staticmethod
-    def merged(pieces, own, remote, experts, dispatch, combine) -> list[torch.Tensor]:
+    def merged(pieces, own, remote, experts, shadow, dispatch, combine) -> list[torch.Tensor]:
         """Output pieces in send order; every expert runs once on its own and received rows together."""
-        first, second, outgoing = pieces
+        first, second, kept, outgoing = pieces
         buf, flight = dispatch(outgoing)
+        y_kept = shadow(kept)
         received = finish_all_to_all(buf, flight)
         sizes = [first.shape[0], second.shape[0], received.shape[0]]
         y_first, y_second, y_remote = experts(torch.cat([first, second, received]), own + remote).split(sizes)
         buf, flight = combine(y_remote)
-        return [y_first, y_second, finish_all_to_all(buf, flight)]
+        return [y_first, y_second, y_kept, finish_all_to_all(buf, flight)]
 
     def overlaps(self, rows: int, n_local: int) -> bool:
         """Overlap compute with the exchanges, or run every expert once on all its rows (see OVERLAP_MIN_ROWS)."""

@@ -12,6 +12,8 @@ class Traffic:
     rows_sent_off_rank: int  # of those, rows that crossed the network
     rows_computed: int  # rows this rank's experts computed
     row_bytes: int  # bytes of one row
+    rows_shadowed: int = 0  # of rows_computed, rows computed here with a copy of another rank's expert (shadow.py)
+    experts_shadowed: int = 0  # experts copied for this step, world-wide (the same on every rank)
 
     @property
     def exchange_bytes(self) -> int:

@@ -81,7 +81,11 @@ class ExpertBank(nn.Module):
                 rows[name] = (torch.randn(w.shape[1:], generator=g) * w.shape[1] ** -0.5).to(w.dtype)
         return rows
 
-    def forward(self, rows: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
-        """``segments`` = [(local slot, rows), ...] in row order."""
-        biases = {k: v for k, v in self.weights().items() if k.startswith("b_")}
-        return grouped_ffn(rows, segments, self.w_in, self.w_out, self.w_gate, self.activation, biases, self.gemm)
+    def forward(
+        self, rows: torch.Tensor, segments: list[tuple[int, int]], weights: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``segments`` = [(local slot, rows), ...] in row order. ``weights``: stacked weights by name to compute with
+        in place of this bank's own (copies of other ranks' experts, ``dispatch/shadow.py``); slots index them."""
+        w = self.weights() if weights is None else weights
+        biases = {k: v for k, v in w.items() if k.startswith("b_")}
+        return grouped_ffn(rows, segments, w["w_in"], w["w_out"], w.get("w_gate"), self.activation, biases, self.gemm)

@@ -84,6 +84,11 @@ class MoESettings:
     num_shared_experts: int = 0  # DeepSeekMoE's always-on experts, dense parameters (never adapted)
     shared_d_ff: Optional[int] = None  # hidden size of each shared expert; None: the routed experts' d_ff
     check_finite: bool = False
+    # per step, copy up to this many of the busiest rank's hottest experts to the ranks that send them rows, which
+    # then compute some of those rows themselves (FasterMoE's shadowing; 0: off); only shadows that move at least
+    # shadow_min_rows rows in all are made (dispatch/shadow.py)
+    shadow_experts: int = 0
+    shadow_min_rows: int = 256
     router: RouterOptions = field(default_factory=RouterOptions)  # type: ignore[valid-type]
 
 
@@ -338,6 +343,8 @@ def check_config(cfg: Any, world_size: int, launcher: str = "single") -> None:
     check(moe.num_shared_experts >= 0, "moe.num_shared_experts", moe.num_shared_experts, "an integer >= 0")
     if moe.shared_d_ff is not None:
         check(moe.shared_d_ff > 0, "moe.shared_d_ff", moe.shared_d_ff, "an integer > 0 or null (the experts' d_ff)")
+    check(moe.shadow_experts >= 0, "moe.shadow_experts", moe.shadow_experts, "an integer >= 0 (0: no shadows)")
+    check(moe.shadow_min_rows >= 1, "moe.shadow_min_rows", moe.shadow_min_rows, "an integer >= 1")
     if moe.capacity_factor is not None:
         check(moe.capacity_factor > 0, "moe.capacity_factor", moe.capacity_factor, "null (dropless) or > 0")
 

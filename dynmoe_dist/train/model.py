@@ -141,6 +141,8 @@ class Transformer(nn.Module):
                     shared_d_ff=moe.shared_d_ff,
                     check_finite=moe.check_finite,
                     groups=groups,
+                    shadow_experts=moe.shadow_experts,
+                    shadow_min_rows=moe.shadow_min_rows,
                     seed=seed * 1000 + i,  # the same experts on every rank, wherever they are placed
                     name=f"blocks.{i}.moe",
                 )
