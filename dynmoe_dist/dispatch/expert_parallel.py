@@ -186,14 +186,15 @@ class ExpertParallelDispatcher:
         remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
         rows_here = n_self + sum(recv_splits) + n_kept
 
-        def shadow_ffn(rows: torch.Tensor) -> torch.Tensor:
-            return rows.new_zeros(0, x.shape[1]) if not rows.shape[0] else experts(rows, shadow_segments, copies)
-
         copies, shadow_segments = None, [(i, sh.keep[me]) for i, sh in enumerate(shadows) if sh.keep[me]]
         if shadows:
-            copies = broadcast_weights(shadows, dict(experts.weights()), me, group, self.name)
+            owned = dict(experts.weights())
+            copies = broadcast_weights(shadows, owned, me, group, self.name)
             if torch.is_grad_enabled():
-                register(PendingShadows(shadows, copies, dict(experts.weights()), me, group, self.name))
+                register(PendingShadows(shadows, copies, owned, me, group, self.name))
+
+        def shadow_ffn(rows: torch.Tensor) -> torch.Tensor:
+            return rows.new_zeros(0, x.shape[1]) if not rows.shape[0] else experts(rows, shadow_segments, copies)
 
         base = None  # alongside's output, computed while the dispatch exchange travels
 
