@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .dispatch import LocalDispatcher, apply_capacity, check_capacity_factor
-from .dispatch.expert_parallel import SHADOW_MIN_ROWS, ExpertParallelDispatcher
+from .dispatch.expert_parallel import ExpertParallelDispatcher
+from .dispatch.shadow import SHADOW_MIN_ROWS
 from .dispatch.traffic import Traffic
 from .errors import ConfigError, NonFiniteError, ShapeError, check
 from .experts import ExpertBank, SharedExperts

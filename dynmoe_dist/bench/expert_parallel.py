@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..adapt.planner import plan_placement
-from ..dispatch.expert_parallel import SHADOW_MIN_ROWS
+from ..dispatch.shadow import SHADOW_MIN_ROWS
 from ..experts import ExpertBank
 from ..layer import MoELayer
 from ..parallel import build_groups

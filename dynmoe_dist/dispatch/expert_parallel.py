@@ -32,7 +32,16 @@ from ..routing.plan import RoutingPlan
 from .all_to_all import exchange_counts, finish_all_to_all, gather_counts, start_all_to_all
 from .combine import combine_rows
 from .permute import gather_pieces, sort_by_expert
-from .shadow import PendingShadows, Shadow, broadcast_weights, flush_after_backward, plan_shadows, register
+from .shadow import (
+    SHADOW_MIN_ROWS,
+    PendingShadows,
+    Shadow,
+    broadcast_weights,
+    flush_after_backward,
+    plan_shadows,
+    register,
+    shadow_rows,
+)
 from .traffic import Traffic
 
 
@@ -62,11 +71,6 @@ def split_segments(segments: list[tuple[int, int]], rows: int) -> tuple[list[tup
 # GEMM small, and small GEMMs lose more than the overlap gains. Measured with `bench expert_parallel --sweep` (2 ranks
 # x 1 thread, CPU): at 2048 rows per expert overlapping is 4-10% faster, at 512 and below merging is 10-30% faster.
 OVERLAP_MIN_ROWS = 1024
-
-
-# A shadow moving fewer rows than this in all is not worth its weights' broadcast and gradient all-reduce (2 MB each
-# way for a 256x1024 FFN: about 3 ms on loopback gloo, the compute of some 200 rows on one CPU core).
-SHADOW_MIN_ROWS = 256
 
 
 def kept_order(
@@ -158,17 +162,14 @@ class ExpertParallelDispatcher:
         in_flight.wait()
 
         shadows: list[Shadow] = []
+        kept, kept_from = [], [0] * world  # rows kept per shadow; per owner, rows kept instead of sent
         if shadowing:
             matrix = gathered.view(world, table.num_experts).tolist()  # [source rank][rank-order position]
             shadows = plan_shadows(matrix, list(bounds), self.shadow_experts, self.shadow_min_rows)
-            per_source = [row[bounds[me] : bounds[me + 1]] for row in matrix]
-            for sh in shadows:  # rows a source keeps for a shadow are not sent to the owner
-                if sh.owner == me:
-                    for s, k in enumerate(sh.keep):
-                        per_source[s][sh.slot] -= k
+            rows = shadow_rows(matrix, list(bounds), me, shadows)
+            per_source, kept, kept_from = rows.received, rows.kept, rows.kept_from
         else:
             per_source = received.view(world, n_local).tolist()  # [source rank][my slot]
-        kept = [(sh.position, sh.keep[me]) for sh in shadows if sh.keep[me]]
         n_kept = sum(k for _, k in kept)
         if n_kept:  # the kept rows move up behind the own rows, out of the outgoing block
             ranges = kept_order(counts, list(bounds), me, n_self, kept)
@@ -177,9 +178,6 @@ class ExpertParallelDispatcher:
         if pieces is None:
             pieces = gather_pieces(x, token, [*sizes[:2], n_kept, sizes[3] - n_kept])
 
-        kept_from = [0] * world
-        for sh in shadows:
-            kept_from[sh.owner] += sh.keep[me]
         send_splits = [0 if r == me else sum(counts[bounds[r] : bounds[r + 1]]) - kept_from[r] for r in range(world)]
         recv_splits = [0 if r == me else sum(row) for r, row in enumerate(per_source)]
         own = [(slot, n) for slot, n in enumerate(per_source[me]) if n]

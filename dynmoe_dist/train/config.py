@@ -21,6 +21,7 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from ..adapt import AdaptConfig, PolicyConfig
+from ..dispatch.shadow import SHADOW_MIN_ROWS
 from ..errors import ConfigError, check
 from ..routing.config import CONFIGS, router_config
 
@@ -88,7 +89,7 @@ class MoESettings:
     # then compute some of those rows themselves (FasterMoE's shadowing; 0: off); only shadows that move at least
     # shadow_min_rows rows in all are made (dispatch/shadow.py)
     shadow_experts: int = 0
-    shadow_min_rows: int = 256
+    shadow_min_rows: int = SHADOW_MIN_ROWS
     router: RouterOptions = field(default_factory=RouterOptions)  # type: ignore[valid-type]
 
 
