@@ -7,9 +7,12 @@ and the peers computed what ours computed (the benchmarks compare outputs before
 from __future__ import annotations
 
 import json
+import math
 import os
 
-from dynmoe_dist.bench import expert_parallel, layer, row_ops, train
+import pytest
+
+from dynmoe_dist.bench import expert_parallel, layer, row_ops, timing, train
 from dynmoe_dist.bench.report import format_table
 
 
@@ -113,3 +116,40 @@ def test_table_of_no_rows_prints_its_header():
     row = format_table([{"ratio": "a / b", "time_ratio": 0.5}], ["ratio", "time_ratio"]).splitlines()[2]
     assert row == "a / b         0.5"
     assert format_table([{"ratio": "a / b", "target": None}], ["ratio", "target"]).splitlines()[2] == "a / b       -"
+
+
+def test_ratio_interval_is_the_t_interval_of_the_log_ratios():
+    """The confidence interval a verdict rests on, against values computed by hand: two rounds at 0.9 and 1.1 have
+    log ratios -0.10536 and 0.09531 (mean -0.005025, sd 0.14190), t(1) = 12.706."""
+    mean, lo, hi = timing.ratio_interval([0.9, 1.1])
+    assert math.isclose(mean, math.sqrt(0.99))
+    half = 12.706 * 0.141897 / math.sqrt(2)
+    assert math.isclose(lo, math.exp(-0.0050252 - half), rel_tol=1e-4)
+    assert math.isclose(hi, math.exp(-0.0050252 + half), rel_tol=1e-4)
+    assert timing.ratio_interval([0.95]) is None  # one round: no interval
+    same = timing.ratio_interval([0.97] * 5)  # no spread: the interval is the ratio
+    assert same == pytest.approx((0.97, 0.97, 0.97))
+    # reciprocal ratios give reciprocal intervals
+    a, b = timing.ratio_interval([0.9, 0.97, 1.02]), timing.ratio_interval([1 / 0.9, 1 / 0.97, 1 / 1.02])
+    assert a == pytest.approx((1 / b[0], 1 / b[2], 1 / b[1]))
+    # the quantiles: table at 1 and 30 degrees of freedom, the expansion after it, the normal quantile in the limit
+    assert (timing.t95(1), timing.t95(30)) == (12.706, 2.042)
+    assert (
+        round(timing.t95(31), 3) == 2.039 and round(timing.t95(40), 3) == 2.021 and abs(timing.t95(10**6) - 1.96) < 1e-3
+    )
+    with pytest.raises(ValueError, match="degree"):
+        timing.t95(0)
+
+
+def test_verdict_needs_the_whole_interval_on_one_side_of_the_target():
+    below, around, above = [0.95, 0.96, 0.97, 0.96], [0.95, 1.03, 0.97, 1.04], [1.05, 1.06, 1.04, 1.05]
+    assert timing.verdict(timing.ratio_interval(below), 1.0) == "met"
+    assert timing.verdict(timing.ratio_interval(around), 1.0) == "noise"
+    assert timing.verdict(timing.ratio_interval(above), 1.0) == "missed"
+    assert timing.verdict(timing.ratio_interval(below), None) == "-"
+    assert timing.verdict(None, 1.0) == "-"
+    best = {"a": {"ms_per_step": 95.0}, "b": {"ms_per_step": 100.0}}
+    r = train.time_ratio("a", "b", 1.0, best, {"a": [95.0, 96.0, 97.0], "b": [100.0, 100.0, 100.0]})
+    assert r["verdict"] == "met" and r["round_ratio_ci95_low"] < r["round_ratio_mean"] < r["round_ratio_ci95_high"] < 1
+    one = train.time_ratio("a", "b", 1.0, best, {"a": [95.0], "b": [100.0]})
+    assert one["verdict"] == "-" and one["round_ratio_mean"] is None

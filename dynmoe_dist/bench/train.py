@@ -34,7 +34,9 @@ computation. Then each runs ``--warmup`` + ``--steps`` steps with the same data,
 and ZeRO stage. Each variant runs in its own pair of spawned ranks (so its peak memory is its own), round-robin over
 ``--rounds``, in the given order and reversed in every second round (a steady drift of the machine then cancels); a
 step's time is the slowest rank's, the median over the timed steps, the best round (every round's is kept, and each
-ratio shows its spread and median over the rounds, pairing the variants of one round). Reported: ms
+ratio shows its spread and median over the rounds, pairing the variants of one round, and its geometric mean with a
+95% confidence interval: ``verdict`` is ``met`` when the whole interval is at or below the target, ``missed`` when it
+is above, ``noise`` when it straddles; take ``--rounds`` 10 or more for a verdict on a noisy machine). Reported: ms
 per step, tokens/s (all ranks), peak memory per rank, the busiest rank's MoE rows over the mean rank's (ours), the
 share of assignments a capacity dropped, and the time ratios (a)/(b), (a)/(c), (d)/(c), (h)/(c), (h)/(b),
 (a)/(i), (i)/(c) and, where Tutel is installed, (a)/(f), (a)/(g), (d)/(g).
@@ -67,6 +69,7 @@ from ..parallel import build_groups
 from .deepspeed_peer import init_deepspeed_groups, local_expert_range, make_deepspeed_moe
 from .ranks import run_ranks
 from .report import emit, format_table
+from .timing import ratio_interval, verdict
 from .tutel_peer import build_tutel_moe, tutel_available, tutel_capacity, tutel_local_expert_range
 
 VARIANTS = {
@@ -552,13 +555,19 @@ def time_ratio(num: str, den: str, target: float | None, best: dict[str, dict], 
     this machine's drift moves the verdict (on the 2-core development machine: 4-7% between runs of one command).
     """
     per_round = [n / d for n, d in zip(rounds[num], rounds[den], strict=True)]
+    interval = ratio_interval(per_round)
+    mean, lo, hi = interval if interval else (None, None, None)
     return {
         "ratio": f"{num} / {den}",
         "time_ratio": best[num]["ms_per_step"] / best[den]["ms_per_step"],
         "round_ratio_min": min(per_round),
         "round_ratio_median": statistics.median(per_round),
         "round_ratio_max": max(per_round),
+        "round_ratio_mean": mean,
+        "round_ratio_ci95_low": lo,
+        "round_ratio_ci95_high": hi,
         "target": target,
+        "verdict": verdict(interval, target),
     }
 
 
@@ -645,6 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     cols = ["variant", "ms_per_step", "tokens_per_s", "peak_mem_mb", "busiest_rank_rows_over_mean", "dropped_share"]
     cols += ["experts_moved", "huge_pages"]
-    spread = ["round_ratio_min", "round_ratio_median", "round_ratio_max"]
-    print(format_table(ratios, ["ratio", "time_ratio", *spread, "target"]))
+    spread = ["round_ratio_min", "round_ratio_median", "round_ratio_max", "round_ratio_mean"]
+    interval = ["round_ratio_ci95_low", "round_ratio_ci95_high"]
+    print(format_table(ratios, ["ratio", "time_ratio", *spread, *interval, "target", "verdict"]))
     emit("train", rows, [*cols, "first_loss"], meta, a.json)
