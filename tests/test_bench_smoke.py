@@ -152,4 +152,4 @@ def test_verdict_needs_the_whole_interval_on_one_side_of_the_target():
     r = train.time_ratio("a", "b", 1.0, best, {"a": [95.0, 96.0, 97.0], "b": [100.0, 100.0, 100.0]})
     assert r["verdict"] == "met" and r["round_ratio_ci95_low"] < r["round_ratio_mean"] < r["round_ratio_ci95_high"] < 1
     one = train.time_ratio("a", "b", 1.0, best, {"a": [95.0], "b": [100.0]})
-    assert one["verdict"] == "-" and one["round_ratio_mean"] is None
+    assert one["verdict"] == "-" and one["round_ratio_mean"] is None and (one["rounds"], r["rounds"]) == (1, 3)

@@ -563,6 +563,7 @@ def time_ratio(num: str, den: str, target: float | None, best: dict[str, dict], 
         "round_ratio_min": min(per_round),
         "round_ratio_median": statistics.median(per_round),
         "round_ratio_max": max(per_round),
+        "rounds": len(per_round),
         "round_ratio_mean": mean,
         "round_ratio_ci95_low": lo,
         "round_ratio_ci95_high": hi,
@@ -656,5 +657,5 @@ def main(argv: list[str] | None = None) -> None:
     cols += ["experts_moved", "huge_pages"]
     spread = ["round_ratio_min", "round_ratio_median", "round_ratio_max", "round_ratio_mean"]
     interval = ["round_ratio_ci95_low", "round_ratio_ci95_high"]
-    print(format_table(ratios, ["ratio", "time_ratio", *spread, *interval, "target", "verdict"]))
+    print(format_table(ratios, ["ratio", "time_ratio", "rounds", *spread, *interval, "target", "verdict"]))
     emit("train", rows, [*cols, "first_loss"], meta, a.json)
