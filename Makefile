@@ -31,6 +31,8 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# Every benchmark, JSON documents in bench/ (about 45 minutes on 2 cores). The second `bench train` runs the two
+# variants the end-to-end targets compare against, over enough rounds for its verdict (a 95% interval per ratio).
 bench: $(STAMP)
 	$(PY) -m dynmoe_dist.bench layer --json bench/layer.json
 	$(PY) -m dynmoe_dist.bench layer --sweep --json bench/layer_sweep.json
@@ -39,6 +41,7 @@ bench: $(STAMP)
 	$(PY) -m dynmoe_dist.bench expert_parallel --sweep --json bench/expert_parallel_sweep.json
 	$(PY) -m dynmoe_dist.bench adapt --json bench/adapt.json
 	$(PY) -m dynmoe_dist.bench train --json bench/train.json
+	$(PY) -m dynmoe_dist.bench train --variants ours_top2,deepspeed_dropless,deepspeed_cf1 --rounds 8 --json bench/train_targets.json
 	$(PY) -m dynmoe_dist.bench checkpoint --json bench/checkpoint.json
 
 # The demo run: 2 CPU ranks, or one rank per GPU where there are GPUs, then the report.
