@@ -1,4 +1,5 @@
-"""Timing helpers: medians over repeats, baselines measured interleaved in the same process.
+"""Timing helpers: medians over repeats, baselines measured interleaved in the same process, and the confidence
+interval of a ratio measured over rounds.
 
 Interleaving (A, B, A, B, ...) puts both sides under the same machine noise, so their ratio is stable even when the
 absolute times drift.

@@ -549,7 +549,8 @@ def check_same_computation(best: dict[str, dict]) -> None:
 
 
 def time_ratio(num: str, den: str, target: float | None, best: dict[str, dict], rounds: dict[str, list[float]]) -> dict:
-    """The ratio of the best rounds, and the spread of the ratios round by round.
+    """The ratio of the best rounds, the spread of the ratios round by round, and their mean's 95% interval with the
+    verdict it gives against ``target`` (``timing.ratio_interval``).
 
     Variants of one round run minutes apart, those of different rounds further: the same-round ratios show how far
     this machine's drift moves the verdict (on the 2-core development machine: 4-7% between runs of one command).
