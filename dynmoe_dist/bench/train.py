@@ -36,7 +36,9 @@ and ZeRO stage. Each variant runs in its own pair of spawned ranks (so its peak 
 step's time is the slowest rank's, the median over the timed steps, the best round (every round's is kept, and each
 ratio shows its spread and median over the rounds, pairing the variants of one round, and its geometric mean with a
 95% confidence interval: ``verdict`` is ``met`` when the whole interval is at or below the target, ``missed`` when it
-is above, ``noise`` when it straddles; take ``--rounds`` 10 or more for a verdict on a noisy machine). Reported: ms
+is above, ``noise`` when it straddles; take ``--rounds`` 10 or more for a verdict on a noisy machine, and repeat the
+run: the interval covers the noise between rounds of one job, not the machine's state from one job to the next,
+which moved (a)/(c)'s mean from 0.971 to 1.010 over four runs on the development machine). Reported: ms
 per step, tokens/s (all ranks), peak memory per rank, the busiest rank's MoE rows over the mean rank's (ours), the
 share of assignments a capacity dropped, and the time ratios (a)/(b), (a)/(c), (d)/(c), (h)/(c), (h)/(b),
 (a)/(i), (i)/(c) and, where Tutel is installed, (a)/(f), (a)/(g), (d)/(g).
