@@ -32,7 +32,8 @@ test: lint
 	$(PY) -m pytest -q
 
 # Every benchmark, JSON documents in bench/ (about 45 minutes on 2 cores). The second `bench train` runs the two
-# variants the end-to-end targets compare against, over enough rounds for its verdict (a 95% interval per ratio).
+# variants the end-to-end targets compare against, over 8 rounds: a 95% interval per ratio, for this job's rounds
+# (repeat the job before trusting a close verdict: the machine's state moves the ratio between jobs).
 bench: $(STAMP)
 	$(PY) -m dynmoe_dist.bench layer --json bench/layer.json
 	$(PY) -m dynmoe_dist.bench layer --sweep --json bench/layer_sweep.json
