@@ -36,8 +36,10 @@ test: lint
 # (repeat the job before trusting a close verdict: the machine's state moves the ratio between jobs).
 bench: $(STAMP)
 	$(PY) -m dynmoe_dist.bench layer --json bench/layer.json
-	$(PY) -m dynmoe_dist.bench layer --sweep --json bench/layer_sweep.json
+	$(PY) -m dynmoe_dist.bench layer --sweep --gemm loop --json bench/layer_sweep.json
+	$(PY) -m dynmoe_dist.bench layer --sweep --json bench/layer_sweep_onednn.json
 	$(PY) -m dynmoe_dist.bench row_ops --json bench/row_ops.json
+	$(PY) -m dynmoe_dist.bench cpu_gemm --json bench/cpu_gemm.json
 	$(PY) -m dynmoe_dist.bench expert_parallel --json bench/expert_parallel.json
 	$(PY) -m dynmoe_dist.bench expert_parallel --sweep --json bench/expert_parallel_sweep.json
 	$(PY) -m dynmoe_dist.bench adapt --json bench/adapt.json

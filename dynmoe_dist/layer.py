@@ -69,6 +69,7 @@ class MoELayer(nn.Module):
         name: str = "moe",
         shadow_experts: int = 0,
         shadow_min_rows: int = SHADOW_MIN_ROWS,
+        gemm: str = "auto",
     ) -> None:
         super().__init__()
         check(isinstance(num_experts, int) and num_experts >= 1, "num_experts", num_experts, "an integer >= 1")
@@ -108,7 +109,7 @@ class MoELayer(nn.Module):
         else:
             local_ids = self.router.expert_ids.tolist()
             self.dispatcher = LocalDispatcher(PlacementTable.contiguous(local_ids, 1))
-        self.experts = ExpertBank(d_model, d_ff, local_ids, activation, seed, bias=expert_bias)
+        self.experts = ExpertBank(d_model, d_ff, local_ids, activation, seed, bias=expert_bias, gemm=gemm)
         check(
             isinstance(num_shared_experts, int) and num_shared_experts >= 0,
             "num_shared_experts",

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from dynmoe_dist.bench import expert_parallel, layer, row_ops, timing, train
+from dynmoe_dist.bench import cpu_gemm, expert_parallel, layer, row_ops, timing, train
 from dynmoe_dist.bench.report import format_table
 
 
@@ -43,6 +43,14 @@ def test_bench_row_ops_checks_both_implementations_agree(capsys):
     ]
     for r in doc["results"]:
         assert r["max_abs_diff"] == 0.0 and r["fused_ms"] > 0 and r["fused_over_plain"] > 0
+
+
+def test_bench_cpu_gemm_times_every_product_and_the_ffn(tmp_path):
+    out = tmp_path / "cpu_gemm.json"
+    cpu_gemm.main(["--shape", "16,32", "--rows", "8", "--repeats", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["case"] for r in rows] == ["product"] * 6 + ["ffn fwd+bwd, new sizes per call"]
+    assert all(r["rel_diff"] <= 1e-5 and r["onednn_ms"] > 0 and r["aten_ms"] > 0 for r in rows)
 
 
 def test_bench_expert_parallel_runs_with_shared_experts(capsys):

@@ -90,6 +90,7 @@ def test_unknown_keys_and_wrong_types_are_named_by_hydra(overrides: list[str], n
         (["model.n_heads=3"], 2, "model.n_heads", "divisor of model.d_model"),
         (["model.moe_every=5"], 2, "model.moe_every", "model.n_layers=4"),
         (["adapt.init=dense"], 2, "adapt.init", "copy | random"),
+        (["moe.gemm=mkl"], 2, "moe.gemm", "auto | loop | onednn | grouped_mm"),
         (["adapt.max_experts_per_rank=4"], 2, "adapt.max_experts_per_rank", "so that 16 experts fit"),
         (["data=text"], 2, "data.path", "text"),
         (["engine.precision=fp16"], 2, "engine.precision", "bf16"),

@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = {
     "layer": "dynmoe_dist.bench.layer",
     "row_ops": "dynmoe_dist.bench.row_ops",
+    "cpu_gemm": "dynmoe_dist.bench.cpu_gemm",
     "expert_parallel": "dynmoe_dist.bench.expert_parallel",
     "adapt": "dynmoe_dist.bench.adapt",
     "train": "dynmoe_dist.bench.train",

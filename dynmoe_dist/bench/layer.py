@@ -2,10 +2,12 @@
 
 * the experts' floor: the same expert matmuls alone (``layer / experts``: everything above 1.0 is routing,
   permutation and combine; DESIGN.md section 8);
-* the dense floor: one dense FFN of the same sizes over the same number of rows, one matmul chain (``experts /
-  dense``: what splitting the rows among many small experts costs; the GEMM floor fine-grained experts aim at);
+* the dense floor: one dense FFN of the same sizes over the same number of rows, one matmul chain on the experts'
+  own kernels (``--gemm``; ``experts / dense``: what splitting the rows among many small experts costs; the GEMM
+  floor fine-grained experts aim at);
 * a padded batched matmul (``padded_bmm / dense``): the experts as one bmm over [experts, largest count, d], what
-  capacity-based layers compute; its rows per assignment (``bmm_padding``) is the largest expert's count over the mean.
+  capacity-based layers compute, on aten's kernels as they run it; its rows per assignment (``bmm_padding``) is the
+  largest expert's count over the mean.
 
 ``--sweep`` runs the granularity sweep (8, 32, 64 and 128 experts; d 256 and 512; top-2), one row per shape.
 """
@@ -17,7 +19,9 @@ import platform
 
 import torch
 
+from ..experts import ExpertBank
 from ..experts.activations import GATED, PLAIN
+from ..experts.grouped import GEMMS
 from ..layer import MoELayer
 from .report import emit
 from .timing import interleaved_medians
@@ -35,8 +39,8 @@ def sweep_shapes() -> list[tuple[int, int, int]]:
 
 
 def ffn_chain(rows: int, d: int, d_ff: int, activation: str, groups: int | None = None):
-    """forward+backward of one FFN matmul chain: over [rows, d] with one set of weights (the dense floor: the experts'
-    FLOPs in one chain), or over [groups, rows, d] with a set per group (a batched matmul, ``torch.matmul`` = bmm)."""
+    """forward+backward of one FFN matmul chain in plain autograd on aten's kernels: over [rows, d] with one set of
+    weights, or over [groups, rows, d] with a set per group (a batched matmul, ``torch.matmul`` = bmm)."""
     g = torch.Generator().manual_seed(1)
     lead = () if groups is None else (groups,)
     x = torch.randn(*lead, rows, d, generator=g, requires_grad=True)
@@ -56,9 +60,26 @@ def ffn_chain(rows: int, d: int, d_ff: int, activation: str, groups: int | None 
     return step
 
 
-def measure(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation: str, repeats: int) -> dict:
+def dense_floor(rows: int, d: int, d_ff: int, activation: str, gemm: str):
+    """forward+backward of one FFN over all rows on the experts' kernels: a one-expert bank, one segment."""
+    bank = ExpertBank(d, d_ff, [0], activation, seed=1, gemm=gemm)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, d, generator=g, requires_grad=True)
+    grad = torch.randn(rows, d, generator=g)
+
+    def step() -> None:
+        x.grad = None
+        bank.zero_grad(set_to_none=True)
+        bank(x, [(0, rows)]).backward(grad)
+
+    return step
+
+
+def measure(
+    gate: str, tokens: int, d: int, d_ff: int, experts: int, activation: str, repeats: int, gemm: str = "auto"
+) -> dict:
     torch.manual_seed(0)
-    layer = MoELayer(d, d_ff, experts, router=GATES[gate], activation=activation)
+    layer = MoELayer(d, d_ff, experts, router=GATES[gate], activation=activation, gemm=gemm)
     x = torch.randn(tokens, d, requires_grad=True)
     grad_out = torch.randn(tokens, d)
 
@@ -87,13 +108,14 @@ def measure(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation:
     steps = {
         "layer": layer_step,
         "experts": experts_only,
-        "dense": ffn_chain(rows.shape[0], d, d_ff, activation),
+        "dense": dense_floor(rows.shape[0], d, d_ff, activation, gemm),
         "padded_bmm": ffn_chain(max(counts), d, d_ff, activation, groups=len(counts)),  # [E, largest count, d]
     }
     times = interleaved_medians(steps, repeats)
     layer.zero_grad(set_to_none=True)
     return {
         "gate": gate,
+        "gemm": gemm,
         "activation": activation,
         "experts": experts,
         "d_model": d,
@@ -122,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--activation", default="gelu")
     p.add_argument("--gates", default="top2,top_any")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--gemm", choices=GEMMS, default="auto", help="the experts' kernels (and the dense floor's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; the sweep uses 1)")
     p.add_argument("--sweep", action="store_true", help="granularity sweep: top-2 at every shape of sweep_shapes()")
     p.add_argument("--json", default=None, help="also write the JSON document here")
@@ -130,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     if threads:
         torch.set_num_threads(threads)
     if a.sweep:
-        rows = [measure("top2", a.tokens, d, f, e, a.activation, a.repeats) for e, d, f in sweep_shapes()]
+        rows = [measure("top2", a.tokens, d, f, e, a.activation, a.repeats, a.gemm) for e, d, f in sweep_shapes()]
     else:
         gates = a.gates.split(",")
-        rows = [measure(g, a.tokens, a.d_model, a.d_ff, a.experts, a.activation, a.repeats) for g in gates]
+        rows = [measure(g, a.tokens, a.d_model, a.d_ff, a.experts, a.activation, a.repeats, a.gemm) for g in gates]
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -143,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     cols = [
         "gate",
+        "gemm",
         "experts",
         "d_model",
         "d_ff",

@@ -24,6 +24,9 @@
 (j) ``ours_top2_shadowed``: (a) with shadow experts (``moe.shadow_experts=2``, dispatch/shadow.py): each step the
     busiest rank's hottest experts are copied to the other rank, which computes part of its rows for them; the
     busiest rank's rows fall to about the mean, at the price of the weights' broadcast and gradient all-reduce.
+(k) ``ours_top2_aten``: (a) with its experts' matrix products on aten's ``mm`` (``moe.gemm=loop``), the kernel
+    DeepSpeed's and Tutel's experts use, where (a) uses oneDNN's (``moe.gemm=auto`` on a CPU: experts/cpu_gemm.py).
+    (k)/(c) is the like-for-like comparison of the layers at equal kernels; (a)/(k) is what the kernel gives.
 
 Routing right after initialisation is far from what training sees for most of its steps (byte-level data sends whole
 byte classes to the same experts until the balance loss spreads them), so the top-2 variants start from one warm
@@ -41,7 +44,7 @@ run: the interval covers the noise between rounds of one job, not the machine's 
 which moved (a)/(c)'s mean from 0.971 to 1.010 over four runs on the development machine). Reported: ms
 per step, tokens/s (all ranks), peak memory per rank, the busiest rank's MoE rows over the mean rank's (ours), the
 share of assignments a capacity dropped, and the time ratios (a)/(b), (a)/(c), (d)/(c), (h)/(c), (h)/(b),
-(a)/(i), (i)/(c) and, where Tutel is installed, (a)/(f), (a)/(g), (d)/(g).
+(a)/(i), (i)/(c), (k)/(c), (k)/(b), (a)/(k) and, where Tutel is installed, (a)/(f), (a)/(g), (d)/(g).
 
 Allocator: ``import dynmoe_dist`` turns on torch's huge-page CPU allocation (``_allocator.py``), which makes our
 variants faster and DeepSpeed's slower and larger on this CPU. The peers therefore run as their users run them, with
@@ -83,6 +86,7 @@ VARIANTS = {
     "ours_top2_rebalanced": ["moe=top_k"],
     "ours_top2_balanced": ["moe=top_k"],
     "ours_top2_shadowed": ["moe=top_k", "moe.shadow_experts=2"],
+    "ours_top2_aten": ["moe=top_k", "moe.gemm=loop"],
     "tutel_dropless": ["moe=top_k"],
     "tutel_cf1": ["moe=top_k"],
 }
@@ -105,6 +109,9 @@ RATIOS = (
     ("ours_top2_balanced", "deepspeed_cf1", None),
     ("ours_top2_shadowed", "deepspeed_cf1", None),
     ("ours_top2", "ours_top2_shadowed", None),
+    ("ours_top2_aten", "deepspeed_cf1", None),
+    ("ours_top2_aten", "deepspeed_dropless", None),
+    ("ours_top2", "ours_top2_aten", None),
 )
 
 

@@ -17,40 +17,43 @@ from collections.abc import Sequence
 import torch
 
 from .activations import DERIVATIVES, GATE_OF, PLAIN
-
-
-def linear_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None):
-    if b is None:
-        return torch.mm(x, w, out=out) if out is not None else torch.mm(x, w)
-    return torch.addmm(b, x, w, out=out) if out is not None else torch.addmm(b, x, w)
+from .cpu_gemm import Gemm
 
 
 class GroupedFFN(torch.autograd.Function):
-    """y[seg] = FFN_slot(x[seg]) for each (slot, n) segment; weights stacked [E, ...], biases optional (None)."""
+    """y[seg] = FFN_slot(x[seg]) for each (slot, n) segment; weights stacked [E, ...], biases optional (None).
+    ``gemm`` computes every matrix product, forward and backward (cpu_gemm.py: aten's or oneDNN's)."""
 
     @staticmethod
-    def forward(ctx, x, segments, activation, w_in, w_out, w_gate, b_in, b_out, b_gate):  # noqa: D102
+    def forward(ctx, x, segments, activation, gemm: Gemm, w_in, w_out, w_gate, b_in, b_out, b_gate):  # noqa: D102
         gated = activation in GATE_OF
         act = PLAIN[GATE_OF.get(activation, activation)]
-        y = x.new_empty(x.shape[0], w_out.shape[2])
+        rows = x.shape[0]
+        index, padded = pad_segments(segments, gemm)
+        if index is not None:  # each segment's rows followed by zero rows, up to a size the kernel has seen before
+            x = x.new_zeros(sum(p for _, p in padded), x.shape[1]).index_copy_(0, index, x)
+        y = x.new_empty(rows, w_out.shape[2])
         saved = []  # per non-empty segment: pre-activation, gate pre-activation (or None), activation output
-        start = 0
-        for slot, n in segments:
-            end = start + n
+        start = pstart = 0  # of the segment in y (the given rows) and in x (the padded rows)
+        for (slot, n), (_, p) in zip(segments, padded):
             if n:
-                xs = x[start:end]
-                h = linear_into(xs, w_in[slot], None if b_in is None else b_in[slot])
+                xs = x[pstart : pstart + p]
+                h = gemm.addmm(None if b_in is None else b_in[slot], xs, w_in[slot])
                 if gated:
-                    hg = linear_into(xs, w_gate[slot], None if b_gate is None else b_gate[slot])
+                    hg = gemm.addmm(None if b_gate is None else b_gate[slot], xs, w_gate[slot])
                     a = act(hg) * h
                 else:
                     hg, a = None, act(h)
-                linear_into(a, w_out[slot], None if b_out is None else b_out[slot], out=y[start:end])
+                b = None if b_out is None else b_out[slot]
+                if p == n:
+                    gemm.addmm(b, a, w_out[slot], out=y[start : start + n])
+                else:
+                    y[start : start + n] = gemm.addmm(b, a, w_out[slot])[:n]
                 saved += [h, hg, a]
-            start = end
+            start, pstart = start + n, pstart + p
         # through save_for_backward, so that saved-tensor hooks (activation checkpointing, offload) see them all
         ctx.save_for_backward(x, w_in, w_out, w_gate, *saved)
-        ctx.segments, ctx.activation = segments, activation
+        ctx.segments, ctx.padded, ctx.activation, ctx.gemm, ctx.index = segments, padded, activation, gemm, index
         ctx.has_bias = (b_in is not None, b_out is not None, b_gate is not None)
         return y
 
@@ -61,24 +64,27 @@ class GroupedFFN(torch.autograd.Function):
         name = GATE_OF.get(ctx.activation, ctx.activation)
         act, act_backward = PLAIN[name], DERIVATIVES[name]
         need = ctx.needs_input_grad
-        dy = dy.contiguous()
-        dx = torch.empty_like(x) if need[0] else None
+        gemm, index = ctx.gemm, ctx.index
+        # zero gradients on the padding rows: they add nothing to the weight and bias gradients
+        dy = dy.contiguous() if index is None else dy.new_zeros(x.shape[0], dy.shape[1]).index_copy_(0, index, dy)
+        rows = sum(n for _, n in ctx.segments)
+        dx = x.new_empty(rows, x.shape[1]) if need[0] else None
 
         def stacked(w, i):
             return torch.empty_like(w) if w is not None and need[i] else None
 
-        dw_in, dw_out, dw_gate = stacked(w_in, 3), stacked(w_out, 4), stacked(w_gate, 5)
-        db_in = torch.empty(w_in.shape[0], w_in.shape[2], dtype=x.dtype, device=x.device) if need[6] else None
-        db_out = torch.empty(w_out.shape[0], w_out.shape[2], dtype=x.dtype, device=x.device) if need[7] else None
-        db_gate = torch.empty(w_in.shape[0], w_in.shape[2], dtype=x.dtype, device=x.device) if need[8] else None
+        dw_in, dw_out, dw_gate = stacked(w_in, 4), stacked(w_out, 5), stacked(w_gate, 6)
+        db_in = torch.empty(w_in.shape[0], w_in.shape[2], dtype=x.dtype, device=x.device) if need[7] else None
+        db_out = torch.empty(w_out.shape[0], w_out.shape[2], dtype=x.dtype, device=x.device) if need[8] else None
+        db_gate = torch.empty(w_in.shape[0], w_in.shape[2], dtype=x.dtype, device=x.device) if need[9] else None
         seen: set[int] = set()
 
         def accumulate(grad: torch.Tensor | None, slot: int, first: bool, a: torch.Tensor, b: torch.Tensor) -> None:
             if grad is not None:
                 if first:
-                    torch.mm(a, b, out=grad[slot])
+                    gemm.mm(a, b, out=grad[slot])
                 else:
-                    grad[slot].addmm_(a, b)
+                    gemm.addmm_(grad[slot], a, b)
 
         def accumulate_bias(grad: torch.Tensor | None, slot: int, first: bool, g: torch.Tensor) -> None:
             if grad is not None:
@@ -87,19 +93,18 @@ class GroupedFFN(torch.autograd.Function):
                 else:
                     grad[slot].add_(g.sum(0))
 
-        start = 0
+        start = pstart = 0
         kept = iter(saved)
-        for slot, n in ctx.segments:
-            end = start + n
+        for (slot, n), (_, p) in zip(ctx.segments, ctx.padded):
             if n:
                 h, hg, a = next(kept), next(kept), next(kept)
                 first = slot not in seen
                 seen.add(slot)
-                g = dy[start:end]
-                xs = x[start:end]
+                g = dy[pstart : pstart + p]
+                xs = x[pstart : pstart + p]
                 accumulate(dw_out, slot, first, a.t(), g)
                 accumulate_bias(db_out, slot, first, g)
-                da = torch.mm(g, w_out[slot].t())
+                da = gemm.mm(g, w_out[slot].t())
                 if gated:  # da is not needed after: the gate's gradient is written over it
                     dh = act(hg).mul_(da)
                     dhg = act_backward(da.mul_(h), hg)
@@ -109,11 +114,16 @@ class GroupedFFN(torch.autograd.Function):
                     dh, dhg = act_backward(da, h), None
                 accumulate(dw_in, slot, first, xs.t(), dh)
                 accumulate_bias(db_in, slot, first, dh)
-                if dx is not None:
-                    torch.mm(dh, w_in[slot].t(), out=dx[start:end])
+                if dx is not None and p == n:
+                    gemm.mm(dh, w_in[slot].t(), out=dx[start : start + n])
                     if dhg is not None:
-                        dx[start:end].addmm_(dhg, w_gate[slot].t())
-            start = end
+                        gemm.addmm_(dx[start : start + n], dhg, w_gate[slot].t())
+                elif dx is not None:
+                    d = gemm.mm(dh, w_in[slot].t())
+                    if dhg is not None:
+                        gemm.addmm_(d, dhg, w_gate[slot].t())
+                    dx[start : start + n] = d[:n]
+            start, pstart = start + n, pstart + p
         unseen = [s for s in range(w_in.shape[0]) if s not in seen]
         for grad in (dw_in, dw_out, dw_gate, db_in, db_out, db_gate):
             if grad is not None and unseen:
@@ -123,6 +133,7 @@ class GroupedFFN(torch.autograd.Function):
             dx,
             None,
             None,
+            None,
             dw_in,
             dw_out,
             dw_gate,
@@ -130,6 +141,19 @@ class GroupedFFN(torch.autograd.Function):
             db_out if has_b_out else None,
             db_gate if has_b_gate else None,
         )
+
+
+def pad_segments(segments: Sequence[tuple[int, int]], gemm: Gemm) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+    """The segments with the row counts ``gemm`` wants (``Gemm.rows``), and the positions of the given rows among the
+    padded ones (None where nothing is padded). Padding rows are zero, and so are their output gradients: they add
+    nothing to any weight or bias gradient."""
+    padded = [(slot, gemm.rows(n) if n else 0) for slot, n in segments]
+    if all(p == n for (_, p), (_, n) in zip(padded, segments)):
+        return None, list(segments)
+    lengths = torch.tensor([n for _, n in segments], dtype=torch.int64)
+    sizes = torch.tensor([p for _, p in padded], dtype=torch.int64)
+    shift = (torch.cumsum(sizes, 0) - sizes) - (torch.cumsum(lengths, 0) - lengths)
+    return torch.repeat_interleave(shift, lengths) + torch.arange(int(lengths.sum())), padded
 
 
 def merge_by_slot(

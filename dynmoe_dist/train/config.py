@@ -23,6 +23,7 @@ from omegaconf import MISSING
 from ..adapt import AdaptConfig, PolicyConfig
 from ..dispatch.shadow import SHADOW_MIN_ROWS
 from ..errors import ConfigError, check
+from ..experts.grouped import GEMMS
 from ..routing.config import CONFIGS, router_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the top-level configs/ of the checkout
@@ -82,6 +83,9 @@ class MoESettings:
     d_ff: Optional[int] = None  # expert hidden size; None: model.d_ff
     activation: str = "gelu"  # gelu | swiglu
     capacity_factor: Optional[float] = None  # None: dropless
+    # the experts' matrix products: auto (CUDA grouped GEMM where it serves, oneDNN for float32 on CPU, else loop) |
+    # loop (aten's mm) | onednn | grouped_mm (experts/grouped.py)
+    gemm: str = "auto"
     num_shared_experts: int = 0  # DeepSeekMoE's always-on experts, dense parameters (never adapted)
     shared_d_ff: Optional[int] = None  # hidden size of each shared expert; None: the routed experts' d_ff
     check_finite: bool = False
@@ -217,6 +221,7 @@ CHOICES = {
     "model.positions": ("rotary", "learned"),
     "model.norm": ("layernorm", "rmsnorm"),
     "moe.activation": ("gelu", "swiglu"),
+    "moe.gemm": GEMMS,
     "adapt.init": ("copy", "random"),
     "parallel.device": ("auto", "cpu", "cuda"),
     "engine.name": ("deepspeed", "torch"),

@@ -137,6 +137,7 @@ class Transformer(nn.Module):
                     router=spec,
                     activation=moe.activation,
                     capacity_factor=moe.capacity_factor,
+                    gemm=moe.gemm,
                     num_shared_experts=moe.num_shared_experts,
                     shared_d_ff=moe.shared_d_ff,
                     check_finite=moe.check_finite,
