@@ -31,7 +31,7 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# Every benchmark, JSON documents in bench/ (about 45 minutes on 2 cores). The second `bench train` runs the two
+# Every benchmark, JSON documents in bench/ (about 40 minutes on 2 cores). The second `bench train` runs the two
 # variants the end-to-end targets compare against, over 8 rounds: a 95% interval per ratio, for this job's rounds
 # (repeat the job before trusting a close verdict: the machine's state moves the ratio between jobs).
 bench: $(STAMP)
