@@ -8,6 +8,7 @@ outputs and every gradient as accurate as aten's float32 against a float64 compu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 
 import pytest
@@ -15,8 +16,8 @@ import torch
 
 from dynmoe_dist import MoELayer
 from dynmoe_dist.errors import ConfigError
-from dynmoe_dist.experts import ExpertBank
-from dynmoe_dist.experts.cpu_gemm import ATEN, ONEDNN, onednn_usable
+from dynmoe_dist.experts import ExpertBank, grouped
+from dynmoe_dist.experts.cpu_gemm import ATEN, ONEDNN, Gemm, onednn_usable
 from dynmoe_dist.experts.grouped import ACTIVATIONS, cpu_kernel
 from dynmoe_dist.experts.segment_ffn import pad_segments
 
@@ -102,9 +103,22 @@ def bank(activation: str, bias: bool, d: int = 24, d_ff: int = 40) -> ExpertBank
     return b
 
 
+@dataclasses.dataclass(frozen=True)
+class CountingOneDNN(Gemm):
+    """oneDNN's products, each one's row count recorded: proves the loop used the kernel it was given, padded."""
+
+    rows_seen: list = dataclasses.field(default_factory=list)
+
+    def addmm(self, bias, a, b, out=None):
+        self.rows_seen.append(a.shape[0])
+        return super().addmm(bias, a, b, out)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_grouped_ffn_on_onednn_is_as_accurate_as_aten_against_float64(activation, bias):
+def test_grouped_ffn_on_onednn_is_as_accurate_as_aten_against_float64(activation, bias, monkeypatch):
+    counting = CountingOneDNN("onednn")
+    monkeypatch.setattr(grouped, "ONEDNN", counting)
     segments = [(2, 40), (0, 33), (4, 0), (2, 51), (1, 2), (0, 17)]  # slot 3 has no rows; 2 and 0 twice
     b = bank(activation, bias)
     n = sum(k for _, k in segments)
@@ -129,6 +143,11 @@ def test_grouped_ffn_on_onednn_is_as_accurate_as_aten_against_float64(activation
         fast_err = float((f.double() - w).abs().max()) / scale
         assert fast_err <= max(4 * aten_err, 1e-6), f"{name}: oneDNN error {fast_err:.2e}, aten {aten_err:.2e}"
     assert all(float(g[3].abs().sum()) == 0 for g in fast[2:])  # the expert with no rows: zero, not garbage
+    # every product went through oneDNN, on each slot's rows (merged: 50, 2 and 91) padded to multiples of 16
+    # (a weight gradient's left operand is transposed: its first dimension is a width, 24 or 40, not a row count)
+    assert {ONEDNN.rows(n) for n in (50, 2, 91)} == {64, 16, 96}
+    assert {64, 16, 96} <= set(counting.rows_seen)
+    assert not {50, 2, 91} & set(counting.rows_seen)
 
 
 def test_auto_picks_onednn_for_float32_on_cpu_and_aten_otherwise():

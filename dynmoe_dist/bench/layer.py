@@ -38,11 +38,11 @@ def sweep_shapes() -> list[tuple[int, int, int]]:
     return [(e, d, 4 * d if e == 8 else 2 * d) for e in SWEEP_EXPERTS for d in SWEEP_D]
 
 
-def ffn_chain(rows: int, d: int, d_ff: int, activation: str, groups: int | None = None):
-    """forward+backward of one FFN matmul chain in plain autograd on aten's kernels: over [rows, d] with one set of
-    weights, or over [groups, rows, d] with a set per group (a batched matmul, ``torch.matmul`` = bmm)."""
+def padded_bmm(groups: int, rows: int, d: int, d_ff: int, activation: str):
+    """forward+backward of the FFN as batched matmuls (``torch.matmul`` = bmm) over [groups, rows, d], a set of
+    weights per group, in plain autograd on aten's kernels: what a capacity-based layer computes."""
     g = torch.Generator().manual_seed(1)
-    lead = () if groups is None else (groups,)
+    lead = (groups,)
     x = torch.randn(*lead, rows, d, generator=g, requires_grad=True)
     w_in = (torch.randn(*lead, d, d_ff, generator=g) * d**-0.5).requires_grad_()
     w_out = (torch.randn(*lead, d_ff, d, generator=g) * d_ff**-0.5).requires_grad_()
@@ -109,7 +109,7 @@ def measure(
         "layer": layer_step,
         "experts": experts_only,
         "dense": dense_floor(rows.shape[0], d, d_ff, activation, gemm),
-        "padded_bmm": ffn_chain(max(counts), d, d_ff, activation, groups=len(counts)),  # [E, largest count, d]
+        "padded_bmm": padded_bmm(len(counts), max(counts), d, d_ff, activation),  # [E, largest count, d]
     }
     times = interleaved_medians(steps, repeats)
     layer.zero_grad(set_to_none=True)

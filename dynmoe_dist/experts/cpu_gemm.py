@@ -23,7 +23,10 @@ import torch
 
 @dataclass(frozen=True)
 class Gemm:
-    """``mm(a, b, out)`` = a @ b, ``addmm(bias, a, b, out)`` = bias + a @ b, ``addmm_(c, a, b)``: c += a @ b."""
+    """``mm(a, b, out)`` = a @ b, ``addmm(bias, a, b, out)`` = bias + a @ b, ``addmm_(c, a, b)``: c += a @ b.
+
+    ``out`` and ``c`` may have fewer rows than ``a`` (only where ``rows`` pads): they take the product's first rows,
+    and the padding rows' are dropped."""
 
     name: str
 
@@ -40,13 +43,13 @@ class Gemm:
                 y = torch.ops.mkldnn._linear_pointwise(b.t(), a, None, "none", [], "").t()
             else:
                 y = torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
-            return y if out is None else out.copy_(y)
+            return y if out is None else out.copy_(y[: out.shape[0]])
         if bias is None:
             return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
         return torch.addmm(bias, a, b) if out is None else torch.addmm(bias, a, b, out=out)
 
     def addmm_(self, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return c.add_(self.mm(a, b)) if self.name == "onednn" else c.addmm_(a, b)
+        return c.add_(self.mm(a, b)[: c.shape[0]]) if self.name == "onednn" else c.addmm_(a, b)
 
     def rows(self, n: int) -> int:
         """The row count to compute ``n`` rows as: ``n`` for aten; for oneDNN, ``n`` rounded up to 16 values per

@@ -44,11 +44,7 @@ class GroupedFFN(torch.autograd.Function):
                     a = act(hg) * h
                 else:
                     hg, a = None, act(h)
-                b = None if b_out is None else b_out[slot]
-                if p == n:
-                    gemm.addmm(b, a, w_out[slot], out=y[start : start + n])
-                else:
-                    y[start : start + n] = gemm.addmm(b, a, w_out[slot])[:n]
+                gemm.addmm(None if b_out is None else b_out[slot], a, w_out[slot], out=y[start : start + n])
                 saved += [h, hg, a]
             start, pstart = start + n, pstart + p
         # through save_for_backward, so that saved-tensor hooks (activation checkpointing, offload) see them all
@@ -114,15 +110,10 @@ class GroupedFFN(torch.autograd.Function):
                     dh, dhg = act_backward(da, h), None
                 accumulate(dw_in, slot, first, xs.t(), dh)
                 accumulate_bias(db_in, slot, first, dh)
-                if dx is not None and p == n:
+                if dx is not None:  # the given rows only: the padding rows' input gradients are dropped
                     gemm.mm(dh, w_in[slot].t(), out=dx[start : start + n])
                     if dhg is not None:
                         gemm.addmm_(dx[start : start + n], dhg, w_gate[slot].t())
-                elif dx is not None:
-                    d = gemm.mm(dh, w_in[slot].t())
-                    if dhg is not None:
-                        gemm.addmm_(d, dhg, w_gate[slot].t())
-                    dx[start : start + n] = d[:n]
             start, pstart = start + n, pstart + p
         unseen = [s for s in range(w_in.shape[0]) if s not in seen]
         for grad in (dw_in, dw_out, dw_gate, db_in, db_out, db_gate):
