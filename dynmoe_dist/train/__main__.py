@@ -1,6 +1,6 @@
 """python -m dynmoe_dist.train [hydra overrides...]"""
 
-from .app import main
+from ..cli import train
 
 if __name__ == "__main__":
-    main()
+    train()

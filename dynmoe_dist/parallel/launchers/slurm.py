@@ -9,17 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import hostlist
-
 from ...errors import ConfigError
+from ...extras import require_extra
 from .common import DEFAULT_PORT, DistEnv, check_ranks, read_addr, read_int, read_port, require
 
 SLURM_PORT_BASE = 20000
 SLURM_PORT_SPAN = 10000
 
 
+def _hostlist():
+    """python-hostlist, imported when a Slurm job is read (the [slurm] extra; the core needs torch alone)."""
+    require_extra("slurm", "reading a Slurm job's node list")
+    import hostlist
+
+    return hostlist
+
+
 def expand_hostlist(text: str, what: str = "SLURM_JOB_NODELIST") -> list[str]:
     """``gpu[001-003,007],login1`` -> host names in Slurm's order (several bracket groups: the first varies slowest)."""
+    hostlist = _hostlist()
     normalised = ",".join((text or "").split())  # whitespace separates hosts too
     try:
         hosts = hostlist.expand_hostlist(normalised)
@@ -33,6 +41,7 @@ def expand_hostlist(text: str, what: str = "SLURM_JOB_NODELIST") -> list[str]:
 def expand_tasks_per_node(text: str, what: str = "SLURM_TASKS_PER_NODE") -> list[int]:
     """Slurm's per-node task counts, e.g. ``2(x3),1`` -> ``[2, 2, 2, 1]``."""
     allowed = "per-node task counts like '8(x2),4' (each at least 1)"
+    hostlist = _hostlist()
     try:
         counts = hostlist.parse_slurm_tasks_per_node(text)
     except hostlist.BadHostlist:
