@@ -25,27 +25,30 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check dynmoe_dist tests
-	$(PY) -m ruff format --check dynmoe_dist tests
+	$(PY) -m ruff check dynmoe_dist benchmarks tests
+	$(PY) -m ruff format --check dynmoe_dist benchmarks tests
 
 test: lint
 	$(PY) -m pytest -q
 
-# Every benchmark, JSON documents in bench/ (about 40 minutes on 2 cores). The second `bench train` runs the two
-# variants the end-to-end targets compare against, over 8 rounds: a 95% interval per ratio, for this job's rounds
-# (repeat the job before trusting a close verdict: the machine's state moves the ratio between jobs).
+# Every benchmark (the benchmarks/ package at the repository root, not installed with the wheel), each writing its JSON
+# document to benchmarks/results/ (committed: the README's results table is generated from them); about 40 minutes on
+# 2 cores. The second `benchmarks train` runs the three variants the end-to-end targets compare, over 8 rounds: a 95%
+# interval per ratio, for this job's rounds (repeat the job before trusting a close verdict: the machine's state moves
+# the ratio between jobs).
+RESULTS := benchmarks/results
 bench: $(STAMP)
-	$(PY) -m dynmoe_dist.bench layer --json bench/layer.json
-	$(PY) -m dynmoe_dist.bench layer --sweep --gemm loop --json bench/layer_sweep.json
-	$(PY) -m dynmoe_dist.bench layer --sweep --json bench/layer_sweep_onednn.json
-	$(PY) -m dynmoe_dist.bench row_ops --json bench/row_ops.json
-	$(PY) -m dynmoe_dist.bench cpu_gemm --json bench/cpu_gemm.json
-	$(PY) -m dynmoe_dist.bench expert_parallel --json bench/expert_parallel.json
-	$(PY) -m dynmoe_dist.bench expert_parallel --sweep --json bench/expert_parallel_sweep.json
-	$(PY) -m dynmoe_dist.bench adapt --json bench/adapt.json
-	$(PY) -m dynmoe_dist.bench train --json bench/train.json
-	$(PY) -m dynmoe_dist.bench train --variants ours_top2,deepspeed_dropless,deepspeed_cf1 --rounds 8 --json bench/train_targets.json
-	$(PY) -m dynmoe_dist.bench checkpoint --json bench/checkpoint.json
+	$(PY) -m benchmarks layer --json $(RESULTS)/layer.json
+	$(PY) -m benchmarks layer --sweep --gemm loop --json $(RESULTS)/layer_sweep.json
+	$(PY) -m benchmarks layer --sweep --json $(RESULTS)/layer_sweep_onednn.json
+	$(PY) -m benchmarks row_ops --json $(RESULTS)/row_ops.json
+	$(PY) -m benchmarks cpu_gemm --json $(RESULTS)/cpu_gemm.json
+	$(PY) -m benchmarks expert_parallel --json $(RESULTS)/expert_parallel.json
+	$(PY) -m benchmarks expert_parallel --sweep --json $(RESULTS)/expert_parallel_sweep.json
+	$(PY) -m benchmarks adapt --json $(RESULTS)/adapt.json
+	$(PY) -m benchmarks train --json $(RESULTS)/train.json
+	$(PY) -m benchmarks train --variants ours_top2,deepspeed_dropless,deepspeed_cf1 --rounds 8 --json $(RESULTS)/train_targets.json
+	$(PY) -m benchmarks checkpoint --json $(RESULTS)/checkpoint.json
 
 # The demo run: 2 CPU ranks, or one rank per GPU where there are GPUs, then the report.
 #   make train                                   # torchrun, the demo config

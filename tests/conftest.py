@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -19,6 +20,11 @@ torch.set_num_threads(2)
 # The suite runs DeepSpeed on CPU ranks over gloo; on a GPU host DeepSpeed would otherwise pick its CUDA accelerator at
 # import (test_train_cuda takes it back for its own runs).
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The benchmarks package lives at the repository root, outside the installed wheel: put the root on the path whatever
+# the working directory (plain `pytest` does not add it). Workers the tests spawn inherit this sys.path.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
 
 SEEDS = (0, 1, 2)
 GATES = ("top_any", "top_k", "top_p", "importance_k", "relu", "null")

@@ -44,7 +44,7 @@ def test_huge_pages_cut_the_page_faults_of_a_fresh_large_tensor() -> None:
 
 
 def test_bench_train_runs_peers_with_their_own_allocator_and_restores_ours(monkeypatch) -> None:
-    from dynmoe_dist.bench.train import allocator_env
+    from benchmarks.train import allocator_env
 
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     with allocator_env("0"):

@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from dynmoe_dist.bench import cpu_gemm, expert_parallel, layer, row_ops, timing, train
-from dynmoe_dist.bench.report import format_table
+from benchmarks import cpu_gemm, expert_parallel, layer, row_ops, timing, train
+from benchmarks.report import format_table
 
 
 def last_json(out: str) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynmoe_dist.bench.train import adam_moments, seed_adam
+from benchmarks.train import adam_moments, seed_adam
 from dynmoe_dist.layer import MoELayer
 from dynmoe_dist.optim import MoEAdam
 

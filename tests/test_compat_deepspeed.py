@@ -53,7 +53,7 @@ class GatedMLP(nn.Module):
 def deepspeed_layer(kind: str, k: int, ep: int, residual: bool = False, engine: bool = False):
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
-    from dynmoe_dist.bench.deepspeed_peer import init_deepspeed_groups
+    from benchmarks.deepspeed_peer import init_deepspeed_groups
 
     init_deepspeed_groups(ep)
     layer = DeepSpeedMoE(

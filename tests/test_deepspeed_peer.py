@@ -62,7 +62,7 @@ def reference_moe(
 
 
 def _check_rank(rank: int) -> dict:
-    from dynmoe_dist.bench.deepspeed_peer import (
+    from benchmarks.deepspeed_peer import (
         build_deepspeed_moe,
         deepspeed_traffic,
         init_deepspeed_groups,

@@ -5,7 +5,7 @@ built with the same router and expert weights, and compares outputs, input gradi
 gradients (which collect every rank's tokens through the all-to-all). The traffic report is checked against counts
 recomputed from plain softmax top-2 routing (capacity = world-wide largest per-expert count). With
 capacity_factor=1.0 the output is compared against a reference that drops routes the way Tutel's docstring in
-``dynmoe_dist.bench.tutel_peer`` says (first choices before second choices, token order), and the capacity and
+``benchmarks.tutel_peer`` says (first choices before second choices, token order), and the capacity and
 dropped count against Tutel's formula and an independent count.
 """
 
@@ -72,7 +72,7 @@ def _reference(x, router_weight, w_in, w_out, capacity: int | None) -> tuple[tor
 
 
 def _setup(skew: float, uneven: bool):
-    from dynmoe_dist.bench.tutel_peer import build_tutel_moe  # noqa: F401 - import check on the rank
+    from benchmarks.tutel_peer import build_tutel_moe  # noqa: F401 - import check on the rank
 
     world, rank = dist.get_world_size(), dist.get_rank()
     groups = dist_pool.groups(world)
@@ -84,7 +84,7 @@ def _setup(skew: float, uneven: bool):
 
 
 def case_dropless_matches_ours(bias: bool) -> dict:
-    from dynmoe_dist.bench.tutel_peer import build_tutel_moe, tutel_local_expert_range, tutel_traffic
+    from benchmarks.tutel_peer import build_tutel_moe, tutel_local_expert_range, tutel_traffic
 
     world, rank, groups, ours, full, router_weight, xs = _setup(skew=1.5, uneven=True)
     w_in, w_out = full.w_in.detach(), full.w_out.detach()
@@ -127,7 +127,7 @@ def case_dropless_matches_ours(bias: bool) -> dict:
 
 
 def case_capacity_factor_one() -> dict:
-    from dynmoe_dist.bench.tutel_peer import build_tutel_moe, tutel_traffic
+    from benchmarks.tutel_peer import build_tutel_moe, tutel_traffic
 
     world, rank, groups, _ours, full, router_weight, xs = _setup(skew=3.0, uneven=False)
     w_in, w_out = full.w_in.detach(), full.w_out.detach()

@@ -3,7 +3,7 @@
 Why: on CPU, torch sends a float32 ``mm`` to MKL, and MKL runs AVX2 kernels on AMD processors. oneDNN, also inside
 every x86 torch build, runs AVX-512 there. Measured on one core of the development machine (AMD EPYC, AVX-512,
 torch 2.13.0), float32, at the expert FFN's shapes (d 256 and 1024, d_ff 4d, 256-2048 rows): aten ``mm`` 93-113
-GFLOP/s, oneDNN 159-250 GFLOP/s in each of the FFN's six products, forward and backward (``python -m dynmoe_dist.bench
+GFLOP/s, oneDNN 159-250 GFLOP/s in each of the FFN's six products, forward and backward (``python -m benchmarks
 cpu_gemm``). torch only uses oneDNN for float32 matmuls when told it may round to bf16 or tf32; here the arithmetic
 stays float32 (relative differences from aten's ``mm`` of about 1e-6, the size of any change in summation order).
 

@@ -25,11 +25,12 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from ..adapt.planner import plan_placement
-from ..dispatch.shadow import SHADOW_MIN_ROWS
-from ..experts import ExpertBank
-from ..layer import MoELayer
-from ..parallel import build_groups
+from dynmoe_dist.adapt.planner import plan_placement
+from dynmoe_dist.dispatch.shadow import SHADOW_MIN_ROWS
+from dynmoe_dist.experts import ExpertBank
+from dynmoe_dist.layer import MoELayer
+from dynmoe_dist.parallel import build_groups
+
 from .deepspeed_peer import build_deepspeed_moe, deepspeed_traffic, init_deepspeed_groups
 from .layer import sweep_shapes
 from .ranks import add_shape_args, run_ranks, shape_meta
@@ -228,7 +229,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench expert_parallel", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks expert_parallel", description=__doc__)
     add_shape_args(p, repeats=20)
     p.add_argument("--no-tutel", dest="tutel", action="store_false", help="leave the Tutel peer out")
     p.add_argument("--shared-experts", type=int, default=1, help="shared experts timed in the balanced scenario")

@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..train.engines.deepspeed_engine import import_deepspeed, init_deepspeed_comm
-from ..train.model import MLP
+from dynmoe_dist.train.engines.deepspeed_engine import import_deepspeed, init_deepspeed_comm
+from dynmoe_dist.train.model import MLP
+
 from .padded_traffic import PaddedTraffic, check_peer_weights
 
 __all__ = [

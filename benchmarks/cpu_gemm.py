@@ -15,8 +15,9 @@ import platform
 
 import torch
 
-from ..experts import ExpertBank
-from ..experts.cpu_gemm import ATEN, ONEDNN, onednn_usable
+from dynmoe_dist.experts import ExpertBank
+from dynmoe_dist.experts.cpu_gemm import ATEN, ONEDNN, onednn_usable
+
 from .report import emit
 from .timing import interleaved_medians
 
@@ -73,7 +74,7 @@ def rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench cpu_gemm", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks cpu_gemm", description=__doc__)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shape", action="append", default=None, metavar="D,D_FF", help="instead of the default set")

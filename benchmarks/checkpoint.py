@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..parallel import build_groups
+from dynmoe_dist.parallel import build_groups
+
 from .ranks import run_ranks
 from .report import emit
 
@@ -29,7 +30,7 @@ BYTES = {"F32": 4, "F64": 8, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "
 
 def state_bytes(trainer) -> int:
     """This rank's share of the state a checkpoint must hold, counted from the objects themselves."""
-    from ..parallel.grads import moe_parameter_kinds
+    from dynmoe_dist.parallel.grads import moe_parameter_kinds
 
     kinds = moe_parameter_kinds(trainer.model)
     total = 0
@@ -51,12 +52,12 @@ def state_bytes(trainer) -> int:
 
 
 def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
-    from ..checkpoint import Manifest
-    from ..train.checkpointing import load_checkpoint, save_checkpoint
-    from ..train.config import load_config
-    from ..train.data import load_corpus
-    from ..train.engines.deepspeed_engine import import_deepspeed
-    from ..train.trainer import Trainer
+    from dynmoe_dist.checkpoint import Manifest
+    from dynmoe_dist.train.checkpointing import load_checkpoint, save_checkpoint
+    from dynmoe_dist.train.config import load_config
+    from dynmoe_dist.train.data import load_corpus
+    from dynmoe_dist.train.engines.deepspeed_engine import import_deepspeed
+    from dynmoe_dist.train.trainer import Trainer
 
     import_deepspeed()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -108,7 +109,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench checkpoint", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks checkpoint", description=__doc__)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=25, help="training steps before the first save")

@@ -19,10 +19,11 @@ import platform
 
 import torch
 
-from ..experts import ExpertBank
-from ..experts.activations import GATED, PLAIN
-from ..experts.grouped import GEMMS
-from ..layer import MoELayer
+from dynmoe_dist.experts import ExpertBank
+from dynmoe_dist.experts.activations import GATED, PLAIN
+from dynmoe_dist.experts.grouped import GEMMS
+from dynmoe_dist.layer import MoELayer
+
 from .report import emit
 from .timing import interleaved_medians
 
@@ -136,7 +137,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench layer", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks layer", description=__doc__)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-ff", type=int, default=1024)

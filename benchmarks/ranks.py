@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..parallel.bootstrap import free_port, init_local_rank
+from dynmoe_dist.parallel.bootstrap import free_port, init_local_rank
 
 Body = Callable[[int, int, argparse.Namespace], list[dict]]
 

@@ -18,8 +18,9 @@ import platform
 
 import torch
 
-from ..dispatch.combine import combine_rows, combine_rows_reference
-from ..dispatch.permute import gather_pieces
+from dynmoe_dist.dispatch.combine import combine_rows, combine_rows_reference
+from dynmoe_dist.dispatch.permute import gather_pieces
+
 from .report import emit
 from .timing import interleaved_medians
 
@@ -90,7 +91,7 @@ def max_abs_diff(fns: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench row_ops", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks row_ops", description=__doc__)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")

@@ -23,12 +23,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..adapt import Decision, ExpertMigration, NewExpert, moved_experts, plan_placement
-from ..adapt.protocol import payload_bytes
-from ..layer import MoELayer
-from ..optim import MoEAdam
-from ..parallel import build_groups, sync_gradients
-from ..placement import PlacementTable
+from dynmoe_dist.adapt import Decision, ExpertMigration, NewExpert, moved_experts, plan_placement
+from dynmoe_dist.adapt.protocol import payload_bytes
+from dynmoe_dist.layer import MoELayer
+from dynmoe_dist.optim import MoEAdam
+from dynmoe_dist.parallel import build_groups, sync_gradients
+from dynmoe_dist.placement import PlacementTable
+
 from .ranks import add_shape_args, run_ranks, shape_meta
 from .report import emit
 from .timing import interleaved_medians
@@ -245,7 +246,7 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench adapt", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks adapt", description=__doc__)
     add_shape_args(p, repeats=5)
     p.add_argument("--warmup", type=int, default=2, help="training steps before measuring (Adam state exists)")
     a = p.parse_args(argv)

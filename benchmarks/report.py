@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .._allocator import huge_pages_enabled
+from dynmoe_dist._allocator import huge_pages_enabled
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

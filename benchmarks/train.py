@@ -68,9 +68,10 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from .._allocator import VARIABLE, huge_pages_enabled
-from ..optim import MoEAdam
-from ..parallel import build_groups
+from dynmoe_dist._allocator import VARIABLE, huge_pages_enabled
+from dynmoe_dist.optim import MoEAdam
+from dynmoe_dist.parallel import build_groups
+
 from .deepspeed_peer import init_deepspeed_groups, local_expert_range, make_deepspeed_moe
 from .ranks import run_ranks
 from .report import emit, format_table
@@ -316,9 +317,9 @@ class TutelNative:
     expert gradients local (every expert lives on one rank), one global gradient norm for clipping."""
 
     def __init__(self, cfg, corpus, rank: int, world: int, capacity_factor: float) -> None:
-        from ..train.data import SequenceStream
-        from ..train.engines import dense_param_groups
-        from ..train.model import Transformer
+        from dynmoe_dist.train.data import SequenceStream
+        from dynmoe_dist.train.engines import dense_param_groups
+        from dynmoe_dist.train.model import Transformer
 
         self.cfg, self.world = cfg, world
         m, moe = cfg.model, cfg.moe
@@ -354,7 +355,7 @@ class TutelNative:
     def train_step(self) -> None:
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        from ..train.schedule import learning_rate
+        from dynmoe_dist.train.schedule import learning_rate
 
         self.step += 1
         for group in self.opt.param_groups:
@@ -392,10 +393,10 @@ class DeepSpeedNative:
     def __init__(self, cfg, corpus, rank: int, world: int, drop_tokens: bool) -> None:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        from ..train.data import SequenceStream
-        from ..train.engines import deepspeed_config, dense_param_groups
-        from ..train.engines.deepspeed_engine import import_deepspeed
-        from ..train.model import Transformer
+        from dynmoe_dist.train.data import SequenceStream
+        from dynmoe_dist.train.engines import deepspeed_config, dense_param_groups
+        from dynmoe_dist.train.engines.deepspeed_engine import import_deepspeed
+        from dynmoe_dist.train.model import Transformer
 
         deepspeed = import_deepspeed()
         init_deepspeed_groups(world)  # starts DeepSpeed's comm (init_deepspeed_comm) and its expert groups
@@ -426,7 +427,7 @@ class DeepSpeedNative:
         load_warm_weights(self.model, shards, self.world)
 
     def train_step(self) -> None:
-        from ..train.schedule import learning_rate
+        from dynmoe_dist.train.schedule import learning_rate
 
         self.step += 1
         for group in self.opt.param_groups:
@@ -448,11 +449,11 @@ def first_loss(model: torch.nn.Module, stream) -> float:
 
 
 def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
-    from ..train.config import load_config
-    from ..train.data import load_corpus
-    from ..train.engines.deepspeed_engine import import_deepspeed
-    from ..train.metrics import peak_memory_mb
-    from ..train.trainer import Trainer
+    from dynmoe_dist.train.config import load_config
+    from dynmoe_dist.train.data import load_corpus
+    from dynmoe_dist.train.engines.deepspeed_engine import import_deepspeed
+    from dynmoe_dist.train.metrics import peak_memory_mb
+    from dynmoe_dist.train.trainer import Trainer
 
     import_deepspeed()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -607,7 +608,7 @@ def allocator_env(value: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dynmoe_dist.bench train", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks train", description=__doc__)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-ff", type=int, default=1024, help="dense and expert hidden size")

@@ -1,0 +1,27 @@
+"""`python -m benchmarks NAME [options]`: run one benchmark; each prints a table and a JSON document."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "layer": "benchmarks.layer",
+    "row_ops": "benchmarks.row_ops",
+    "cpu_gemm": "benchmarks.cpu_gemm",
+    "expert_parallel": "benchmarks.expert_parallel",
+    "adapt": "benchmarks.adapt",
+    "train": "benchmarks.train",
+    "checkpoint": "benchmarks.checkpoint",
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        print(f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} [options]  (--help per benchmark)")
+        raise SystemExit(2)
+    importlib.import_module(BENCHMARKS[sys.argv[1]]).main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,0 @@
-"""Benchmarks, runnable as `python -m dynmoe_dist.bench ...`."""
