@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from dynmoe_dist.extras import exit_without_extra
+
 BENCHMARKS = {
     "layer": "benchmarks.layer",
     "row_ops": "benchmarks.row_ops",
@@ -20,6 +22,7 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
         print(f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} [options]  (--help per benchmark)")
         raise SystemExit(2)
+    exit_without_extra("bench", "python -m benchmarks")  # scipy (intervals), py-cpuinfo (the machine in every document)
     importlib.import_module(BENCHMARKS[sys.argv[1]]).main(sys.argv[2:])
 
 

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         a.stages = [int(s) for s in a.stages.split(",")]
         rows = run_ranks(body, argparse.Namespace(**vars(a), dir=folder))
-    meta = {"torch": torch.__version__, "world": a.world, "model": "the demo (configs/config.yaml), DeepSpeed fp32"}
+    meta = {"world": a.world, "threads_per_rank": a.threads, "model": "the demo (configs/config.yaml), DeepSpeed fp32"}
     cols = [
         "zero_stage",
         "save_s",

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
@@ -159,9 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         gates = a.gates.split(",")
         rows = [measure(g, a.tokens, a.d_model, a.d_ff, a.experts, a.activation, a.repeats, a.gemm) for g in gates]
     meta = {
-        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
         "sweep": a.sweep,
         "targets": "overhead_ratio <= 1.15 for top2; experts_over_dense <= floor_target (1 thread)",
     }

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import queue
 from collections.abc import Callable
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -32,9 +30,7 @@ def add_shape_args(p: argparse.ArgumentParser, repeats: int) -> None:
 def shape_meta(a: argparse.Namespace) -> dict:
     """What every multi-rank benchmark's JSON records about where and at which shapes it ran."""
     return {
-        "torch": torch.__version__,
         "threads_per_rank": a.threads,
-        "machine": platform.machine(),
         "world": a.world,
         "tokens_per_rank": a.tokens,
         "d_model": a.d_model,

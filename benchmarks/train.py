@@ -653,7 +653,6 @@ def main(argv: list[str] | None = None) -> None:
     check_same_computation(best)
     ratios = [time_ratio(num, den, target, best, rounds) for num, den, target in RATIOS if num in best and den in best]
     meta = {
-        "torch": torch.__version__,
         "world": a.world,
         "threads_per_rank": a.threads,
         "tokens_per_rank_per_step": a.batch * a.seq_len,

@@ -6,13 +6,19 @@ and the peers computed what ours computed (the benchmarks compare outputs before
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import math
 import os
+import platform
+from pathlib import Path
 
 import pytest
+import torch
+from scipy import stats
 
-from benchmarks import cpu_gemm, expert_parallel, layer, row_ops, timing, train
+from benchmarks import cpu_gemm, expert_parallel, layer, machine, row_ops, timing, train
 from benchmarks.report import format_table
 
 
@@ -26,6 +32,9 @@ def test_bench_layer_reports_both_floors(capsys):
     assert [r["gate"] for r in doc["results"]] == ["top2", "top_any"]
     # every benchmark says whether torch's huge-page allocation was on (importing dynmoe_dist set the variable)
     assert doc["meta"]["huge_pages"] is (os.environ["THP_MEM_ALLOC_ENABLE"] != "0")
+    # and names the machine, with the threads it ran on
+    assert doc["meta"]["machine"]["threads_per_process"] == torch.get_num_threads()
+    assert doc["meta"]["machine"]["logical_cores"] == os.cpu_count()
     for r in doc["results"]:
         for key in ("overhead_ratio", "experts_over_dense", "layer_over_dense", "padded_bmm_over_dense"):
             assert r[key] > 0, key
@@ -140,12 +149,17 @@ def test_ratio_interval_is_the_t_interval_of_the_log_ratios():
     # reciprocal ratios give reciprocal intervals
     a, b = timing.ratio_interval([0.9, 0.97, 1.02]), timing.ratio_interval([1 / 0.9, 1 / 0.97, 1 / 1.02])
     assert a == pytest.approx((1 / b[0], 1 / b[2], 1 / b[1]))
-    # the quantiles: table at 1 and 30 degrees of freedom, the expansion after it, the normal quantile in the limit
-    assert (timing.t95(1), timing.t95(30)) == (12.706, 2.042)
-    assert (round(timing.t95(31), 3), round(timing.t95(40), 3)) == (2.039, 2.021)
+    # the quantiles as printed tables give them, the normal quantile in the limit
+    assert [round(timing.t95(df), 3) for df in (1, 2, 10, 30, 40)] == [12.706, 4.303, 2.228, 2.042, 2.021]
     assert abs(timing.t95(10**6) - 1.96) < 1e-3
     with pytest.raises(ValueError, match="degree"):
         timing.t95(0)
+    # and the interval is scipy's t interval around the mean log ratio, with the standard error of the mean
+    ratios = [0.91, 0.97, 1.02, 0.95, 0.99]
+    logs = [math.log(r) for r in ratios]
+    sem = stats.sem(logs)
+    lo, hi = stats.t.interval(0.95, len(logs) - 1, loc=sum(logs) / len(logs), scale=sem)
+    assert timing.ratio_interval(ratios)[1:] == pytest.approx((math.exp(lo), math.exp(hi)), rel=1e-12)
 
 
 def test_verdict_needs_the_whole_interval_on_one_side_of_the_target():
@@ -160,3 +174,57 @@ def test_verdict_needs_the_whole_interval_on_one_side_of_the_target():
     assert r["verdict"] == "met" and r["round_ratio_ci95_low"] < r["round_ratio_mean"] < r["round_ratio_ci95_high"] < 1
     one = train.time_ratio("a", "b", 1.0, best, {"a": [95.0], "b": [100.0]})
     assert one["verdict"] == "-" and one["round_ratio_mean"] is None and (one["rounds"], r["rounds"]) == (1, 3)
+
+
+def proc_cpuinfo_flags() -> set[str] | None:
+    """The first processor's flags as Linux lists them (x86 ``flags``, Arm ``Features``); None elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def test_machine_record_names_the_cpu_its_extensions_and_the_software():
+    m = machine.describe_machine(threads=3, processes=2)
+    assert (m["threads_per_process"], m["processes"], m["device"]) == (3, 2, "cpu")
+    assert m["logical_cores"] == os.cpu_count() and m["arch"] == platform.machine()
+    assert (m["torch"], m["cuda"], m["python"]) == (torch.__version__, torch.version.cuda, platform.python_version())
+    assert m["deepspeed"] == importlib.metadata.version("deepspeed")  # installed by the [train] extra
+    assert m["cpu"]
+    # only the SIMD / matrix extensions, best first; on Linux the same as the kernel's list of the CPU's flags
+    assert m["vector_extensions"] == [f for f in machine.VECTOR_FLAGS if f in m["vector_extensions"]]
+    flags = proc_cpuinfo_flags()
+    if flags is not None:
+        assert set(m["vector_extensions"]) == flags & set(machine.VECTOR_FLAGS)
+    when = datetime.datetime.fromisoformat(m["date"])
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 600
+    if not torch.cuda.is_available():
+        assert (m["gpu"], m["gpu_capability"], m["gpus"]) == (None, None, 0)
+    json.dumps(m)  # goes into the JSON document as it is
+
+
+def test_machine_record_names_the_gpu_where_cuda_is_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    m = machine.describe_machine(device="cuda")
+    assert (m["gpu"], m["gpu_capability"], m["gpus"]) == ("NVIDIA H100 80GB HBM3", "9.0", 4)
+    assert machine.short_label(m) == f"NVIDIA H100 80GB HBM3 (sm 9.0), torch {torch.__version__}"
+    # a CPU benchmark on a host with a GPU is labelled by its CPU
+    assert machine.short_label({**m, "device": "cpu"}).startswith(m["cpu"])
+
+
+def test_short_label_names_the_best_vector_extension():
+    cpu = {"cpu": "Xeon", "vector_extensions": ["amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2"]}
+    assert machine.short_label({**cpu, "logical_cores": 8, "torch": "2.5"}) == "Xeon (amx_bf16), 8 cores, torch 2.5"
+    assert machine.best_extension(["avx2", "fma", "avx"]) == "avx2"
+    assert machine.best_extension(["asimd", "sve"]) == "sve"
+    assert machine.best_extension([]) is None
+    assert machine.short_label({"cpu": "M1", "vector_extensions": [], "torch": "2.5"}) == "M1, torch 2.5"
+    assert machine.short_label(None) == "?"
