@@ -32,10 +32,11 @@ test: lint
 	$(PY) -m pytest -q
 
 # Every benchmark (the benchmarks/ package at the repository root, not installed with the wheel), each writing its JSON
-# document to benchmarks/results/ (committed: the README's results table is generated from them); about 40 minutes on
-# 2 cores. The second `benchmarks train` runs the three variants the end-to-end targets compare, over 8 rounds: a 95%
-# interval per ratio, for this job's rounds (repeat the job before trusting a close verdict: the machine's state moves
-# the ratio between jobs).
+# document to benchmarks/results/ (about 40 minutes on 2 cores), then the README's results table regenerated from
+# those documents (`benchmarks report`; the test suite checks the two agree, so commit both). The second
+# `benchmarks train` runs the three variants the end-to-end targets compare, over 8 rounds: a 95% interval per ratio,
+# for this job's rounds (repeat the job before trusting a close verdict: the machine's state moves the ratio between
+# jobs).
 RESULTS := benchmarks/results
 bench: $(STAMP)
 	$(PY) -m benchmarks layer --json $(RESULTS)/layer.json
@@ -49,6 +50,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks train --json $(RESULTS)/train.json
 	$(PY) -m benchmarks train --variants ours_top2,deepspeed_dropless,deepspeed_cf1 --rounds 8 --json $(RESULTS)/train_targets.json
 	$(PY) -m benchmarks checkpoint --json $(RESULTS)/checkpoint.json
+	$(PY) -m benchmarks report --write README.md
 
 # The demo run: 2 CPU ranks, or one rank per GPU where there are GPUs, then the report.
 #   make train                                   # torchrun, the demo config

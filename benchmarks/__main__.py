@@ -1,4 +1,5 @@
-"""`python -m benchmarks NAME [options]`: run one benchmark; each prints a table and a JSON document."""
+"""`python -m benchmarks NAME [options]`: run one benchmark (each prints a table and a JSON document), or `report`
+(the README's results table from the committed documents)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ BENCHMARKS = {
     "adapt": "benchmarks.adapt",
     "train": "benchmarks.train",
     "checkpoint": "benchmarks.checkpoint",
+    "report": "benchmarks.summary",  # the README's results table from benchmarks/results/*.json
 }
 
 
