@@ -7,6 +7,13 @@ gradients (summed over ranks) and the gradients of the experts it owns (by exper
 
 from __future__ import annotations
 
+import ast
+import collections
+import importlib
+import inspect
+import pkgutil
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -183,3 +190,47 @@ def test_counts_travel_while_the_rows_are_gathered(overlap_min_rows: int) -> Non
         at = {event: i for i, event in enumerate(log)}
         counts = "moe.dispatch.counts"
         assert at[f"start {counts}"] < at["gather"] < at[f"wait {counts}"] < at["start moe.dispatch.rows"], log
+
+
+MUTABLE = (list, dict, set, bytearray, collections.deque)
+
+
+def test_dispatch_keeps_no_process_wide_state() -> None:
+    """The data plane keeps nothing between calls outside the objects a call makes (the dispatcher, what ``run``
+    builds, the autograd graph): no module or class holds a mutable container, and no function rebinds a global."""
+    import dynmoe_dist.dispatch as package
+
+    found = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        tree = ast.parse(inspect.getsource(module))
+        found += [f"{info.name}: global {', '.join(n.names)}" for n in ast.walk(tree) if isinstance(n, ast.Global)]
+        for name, value in vars(module).items():
+            if name.startswith("__"):
+                continue
+            if isinstance(value, MUTABLE):
+                found.append(f"{info.name}.{name}: a module-level {type(value).__name__}")
+            if inspect.isclass(value) and value.__module__ == module.__name__:
+                found += [
+                    f"{info.name}.{name}.{attr}: a class-level {type(v).__name__}"
+                    for attr, v in vars(value).items()
+                    if not attr.startswith("__") and isinstance(v, MUTABLE)
+                ]
+    assert not found, "process-wide state in dispatch/:\n" + "\n".join(found)
+
+
+def test_the_state_check_sees_module_state(tmp_path, monkeypatch) -> None:
+    """The check above can fail: a module with a pending list and a flag rebound by ``global`` is reported."""
+    import dynmoe_dist.dispatch as package
+
+    (tmp_path / "stateful.py").write_text(
+        "_pending = []\n_queued = False\n\n\ndef register(x):\n    global _queued\n    _pending.append(x)\n"
+        "    _queued = True\n"
+    )
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    try:
+        with pytest.raises(AssertionError, match=r"(?s)global _queued.*stateful._pending: a module-level list"):
+            test_dispatch_keeps_no_process_wide_state()
+    finally:
+        sys.modules.pop(f"{package.__name__}.stateful", None)
+        vars(package).pop("stateful", None)

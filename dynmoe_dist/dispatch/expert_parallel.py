@@ -1,8 +1,10 @@
 """Expert-parallel dispatcher: rows travel to the rank that owns their expert and come back for the combine.
 
     start the all-to-all of per-(destination, slot) counts -> every rank will know what it receives
-      (with shadow experts: an all-gather of every rank's counts, and the hot experts' weights are broadcast)
       meanwhile: sort the assignments (own experts first, then by (owner rank, slot)) and gather the rows
+      (with shadow experts, ``shadow_route``: an all-gather of every rank's counts instead; once they are here, the
+      shadows are planned, the rows this rank keeps for them move up behind its own, the rows are gathered and the
+      hot experts' weights are broadcast)
     (with shared experts: they run while the rows for other ranks travel, whichever mode below)
     with many rows per local expert (>= OVERLAP_MIN_ROWS), overlap:
     start the all-to-all of the rows for other ranks      -> uneven split sizes, the row count of each peer
@@ -10,7 +12,7 @@
     finish it; experts on the received rows, one segment per (source rank, slot): no reordering
     start the reverse all-to-all of their outputs
       meanwhile: experts on the second half of the own rows
-    finish it; weighted index_add of the three output pieces into [S, d] (combine.py: no cat)
+    finish it; weighted index_add of the output pieces into [S, d] (combine.py: no cat)
     with few rows per local expert (fine-grained experts), merge: exchange the rows, run each expert once on its own
     and received rows together (one GEMM), exchange the outputs back, weighted index_add
 
@@ -22,26 +24,20 @@ no MAX all-reduce, and rows a rank routes to itself never touch the network.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..experts import ExpertBank
+from ..parallel.collectives import GuardedWork
 from ..parallel.groups import ParallelGroups
 from ..placement import PlacementTable
 from ..routing.plan import RoutingPlan
-from .all_to_all import exchange_counts, finish_all_to_all, gather_counts, start_all_to_all
+from .all_to_all import InFlight, exchange_counts, finish_all_to_all, gather_counts, start_all_to_all
 from .combine import combine_rows
-from .permute import gather_pieces, sort_by_expert
-from .shadow import (
-    SHADOW_MIN_ROWS,
-    PendingShadows,
-    Shadow,
-    broadcast_weights,
-    flush_after_backward,
-    plan_shadows,
-    register,
-    shadow_rows,
-)
+from .permute import Permutation, gather_pieces, sort_by_expert
+from .shadow import SHADOW_MIN_ROWS, ShadowCopies, kept_order, plan_shadows, shadow_rows
 from .traffic import Traffic
 
 
@@ -68,29 +64,62 @@ def split_segments(segments: list[tuple[int, int]], rows: int) -> tuple[list[tup
 
 # Below this many rows per local expert, one GEMM per expert over all its rows (own and received) beats hiding the
 # exchanges behind compute: splitting an expert's rows into own-first, received and own-second segments makes each
-# GEMM small, and small GEMMs lose more than the overlap gains. Measured with `bench expert_parallel --sweep` (2 ranks
-# x 1 thread, CPU): at 2048 rows per expert overlapping is 4-10% faster, at 512 and below merging is 10-30% faster.
+# GEMM small, and small GEMMs lose more than the overlap gains; with many rows per expert the overlap wins
+# (measured: docs/BENCHMARKS.md, expert_parallel, `--sweep`).
 OVERLAP_MIN_ROWS = 1024
 
 
-def kept_order(
-    counts: list[int], bounds: list[int], me: int, n_self: int, kept: list[tuple[int, int]]
-) -> list[tuple[int, int]]:
-    """(start, length) ranges of the send order, reordered: own rows, then the rows this rank keeps for each shadow
-    ((rank-order position, rows): the first rows of that expert's block), then the rest of the outgoing rows."""
-    start, p_start = n_self, {}
-    for p in [p for p in range(len(counts)) if not bounds[me] <= p < bounds[me + 1]]:
-        p_start[p] = start
-        start += counts[p]
-    ranges, cut = [(0, n_self)], {}
-    for p, k in kept:
-        ranges.append((p_start[p], k))
-        cut[p_start[p]] = k
-    for p in sorted(p_start, key=p_start.get):
-        skip = cut.get(p_start[p], 0)
-        if counts[p] - skip:
-            ranges.append((p_start[p] + skip, counts[p] - skip))
-    return [(s, n) for s, n in ranges if n]
+def piece_sizes(n_self: int, n_rows: int, n_kept: int = 0) -> list[int]:
+    """Rows per piece of the send order: this rank's own rows in two halves (the overlapped mode computes one while
+    each exchange travels), the rows it keeps for shadows, the outgoing rows."""
+    return [n_self // 2, n_self - n_self // 2, n_kept, n_rows - n_self - n_kept]
+
+
+def no_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The kept rows' outputs where nothing is shadowed: there are none."""
+    return rows.new_zeros(0, rows.shape[1])
+
+
+@dataclass
+class Route:
+    """One dispatch on this rank once the counts are here: what the exchanges, the experts and the combine need,
+    with shadows or without."""
+
+    per_source: list[list[int]]  # rows this rank's experts compute, [source rank][slot] (its own rows included)
+    token: torch.Tensor  # [A] each row's token, in send order: own rows, kept rows, outgoing rows
+    weight: torch.Tensor  # [A] each row's combine weight, in the same order
+    pieces: list[torch.Tensor]  # the rows: own (first half, second half), kept for shadows, outgoing
+    kept_from: list[int]  # per owner rank, rows kept here for its shadows instead of sent to it
+    kept_ffn: Callable[[torch.Tensor], torch.Tensor] = no_rows  # the experts of the kept rows (the shadow copies)
+    copies: ShadowCopies | None = None  # this forward's shadow copies (None: nothing shadowed)
+
+    @property
+    def n_kept(self) -> int:
+        return self.pieces[2].shape[0]
+
+
+@dataclass
+class RowExchange:
+    """The two all-to-alls of the rows: out to the experts' ranks and back. ``alongside`` (shared experts) runs while
+    the first travels."""
+
+    send_splits: list[int]
+    recv_splits: list[int]
+    group: object
+    name: str
+    alongside: Callable[[], torch.Tensor] | None = None
+    base: torch.Tensor | None = None  # alongside's output, once the dispatch exchange has started
+
+    def dispatch(self, outgoing: torch.Tensor) -> tuple[torch.Tensor, InFlight]:
+        started = start_all_to_all(
+            outgoing, self.recv_splits, self.send_splits, self.group, f"{self.name}.dispatch.rows"
+        )
+        if self.alongside is not None:
+            self.base = self.alongside()
+        return started
+
+    def combine(self, results: torch.Tensor) -> tuple[torch.Tensor, InFlight]:
+        return start_all_to_all(results, self.send_splits, self.recv_splits, self.group, f"{self.name}.combine.rows")
 
 
 class ExpertParallelDispatcher:
@@ -135,116 +164,124 @@ class ExpertParallelDispatcher:
     ) -> tuple[torch.Tensor, Traffic]:
         """``alongside``: the [S, d] output of an undispatched FFN of the same tokens (shared experts), added to the
         combine; it runs while the dispatch exchange is in flight, and its backward while the gradients travel."""
-        table = self.placement
-        world, me, group = self.groups.ep_size, self.groups.ep_rank, self.groups.ep_group
-        per_rank, bounds = list(table.rank_sizes), table.rank_offsets
-        n_local = per_rank[me]
+        table, world, me = self.placement, self.groups.ep_size, self.groups.ep_rank
+        bounds = table.rank_offsets
         rank_key, send_key = self.keys(plan.expert.device)
 
-        # counts in (rank, slot) order for the exchange; rows in send order (own experts first). The counts travel
-        # while the rows are sorted and gathered: that needs only what this rank sends itself.
+        # counts exchange: this rank's rows per (rank, slot) start travelling; the sort and gather need only them
         rank_order = torch.bincount(rank_key[plan.expert], minlength=table.num_experts)
-        shadowing = self.shadow_experts > 0
-        if shadowing:
-            gathered, in_flight = gather_counts(rank_order, world, group, f"{self.name}.dispatch.counts")
-        else:
-            received, in_flight = exchange_counts(
-                rank_order, per_rank, n_local, world, group, f"{self.name}.dispatch.counts", async_op=True
-            )
+        counts_in, arrival = self.start_counts(rank_order)
         counts = rank_order.tolist()
         n_self = sum(counts[bounds[me] : bounds[me + 1]])
+
+        # sort into send order (own experts first) and gather the rows; the counts arrive -> what this rank computes
         perm = sort_by_expert(plan.token, send_key[plan.expert], plan.weight, table.num_experts)
-        token, weight = perm.token, perm.weight
-        # own rows in two halves (the overlapped mode computes one while each exchange travels), kept rows (shadows),
-        # outgoing rows; without shadows they are gathered while the counts travel
-        sizes = [n_self // 2, n_self - n_self // 2, 0, plan.num_assignments - n_self]
-        pieces = None if shadowing else gather_pieces(x, token, sizes)
-        in_flight.wait()
-
-        shadows: list[Shadow] = []
-        kept, kept_from = [], [0] * world  # rows kept per shadow; per owner, rows kept instead of sent
-        if shadowing:
-            matrix = gathered.view(world, table.num_experts).tolist()  # [source rank][rank-order position]
-            shadows = plan_shadows(matrix, list(bounds), self.shadow_experts, self.shadow_min_rows)
-            rows = shadow_rows(matrix, list(bounds), me, shadows)
-            per_source, kept, kept_from = rows.received, rows.kept, rows.kept_from
+        if self.shadow_experts:
+            route = self.shadow_route(x, perm, counts, n_self, counts_in, arrival, experts)
         else:
-            per_source = received.view(world, n_local).tolist()  # [source rank][my slot]
-        n_kept = sum(k for _, k in kept)
-        if n_kept:  # the kept rows move up behind the own rows, out of the outgoing block
-            ranges = kept_order(counts, list(bounds), me, n_self, kept)
-            order = torch.cat([torch.arange(s, s + n, device=token.device) for s, n in ranges])
-            token, weight = token[order], weight[order]
-        if pieces is None:
-            pieces = gather_pieces(x, token, [*sizes[:2], n_kept, sizes[3] - n_kept])
+            route = self.direct_route(x, perm, n_self, counts_in, arrival)
 
-        send_splits = [0 if r == me else sum(counts[bounds[r] : bounds[r + 1]]) - kept_from[r] for r in range(world)]
-        recv_splits = [0 if r == me else sum(row) for r, row in enumerate(per_source)]
-        own = [(slot, n) for slot, n in enumerate(per_source[me]) if n]
-        remote = [(slot, n) for r, row in enumerate(per_source) if r != me for slot, n in enumerate(row) if n]
-        rows_here = n_self + sum(recv_splits) + n_kept
+        # exchange rows, experts, exchange back: overlapped with compute, or merged into one GEMM per expert
+        send_splits = [
+            0 if r == me else sum(counts[bounds[r] : bounds[r + 1]]) - route.kept_from[r] for r in range(world)
+        ]
+        recv_splits = [0 if r == me else sum(row) for r, row in enumerate(route.per_source)]
+        exchange = RowExchange(send_splits, recv_splits, self.groups.ep_group, self.name, alongside)
+        own = [(slot, n) for slot, n in enumerate(route.per_source[me]) if n]
+        remote = [(slot, n) for r, row in enumerate(route.per_source) if r != me for slot, n in enumerate(row) if n]
+        rows_here = n_self + sum(recv_splits) + route.n_kept
+        mode = self.overlapped if self.overlaps(rows_here, table.rank_sizes[me]) else self.merged
+        outputs = mode(route.pieces, own, remote, experts, route.kept_ffn, exchange)
 
-        copies, shadow_segments = None, [(i, sh.keep[me]) for i, sh in enumerate(shadows) if sh.keep[me]]
-        if shadows:
-            owned = dict(experts.weights())
-            copies = broadcast_weights(shadows, owned, me, group, self.name)
-            if torch.is_grad_enabled():
-                register(PendingShadows(shadows, copies, owned, me, group, self.name))
-
-        def shadow_ffn(rows: torch.Tensor) -> torch.Tensor:
-            return rows.new_zeros(0, x.shape[1]) if not rows.shape[0] else experts(rows, shadow_segments, copies)
-
-        base = None  # alongside's output, computed while the dispatch exchange travels
-
-        def dispatch(outgoing: torch.Tensor):
-            nonlocal base
-            started = start_all_to_all(outgoing, recv_splits, send_splits, group, f"{self.name}.dispatch.rows")
-            if alongside is not None:
-                base = alongside()
-            return started
-
-        def combine(results: torch.Tensor):
-            return start_all_to_all(results, send_splits, recv_splits, group, f"{self.name}.combine.rows")
-
-        run = self.overlapped if self.overlaps(rows_here, n_local) else self.merged
-        outputs = run(pieces, own, remote, experts, shadow_ffn, dispatch, combine)
-        out = combine_rows(outputs, token, weight, x.shape[0], base)
-        if shadows:
-            out = flush_after_backward(out)
+        # combine: weighted sum per token, onto the shared experts' output
+        out = combine_rows(outputs, route.token, route.weight, x.shape[0], exchange.base)
+        if route.copies is not None:
+            out = route.copies.attach(out)
         traffic = Traffic(
             assignments=plan.num_assignments,
             rows_sent=plan.num_assignments,
             rows_sent_off_rank=sum(send_splits),
             rows_computed=rows_here,
             row_bytes=x.shape[1] * x.element_size(),
-            rows_shadowed=n_kept,
-            experts_shadowed=len(shadows),
+            rows_shadowed=route.n_kept,
+            experts_shadowed=len(route.copies.shadows) if route.copies is not None else 0,
         )
         return out, traffic
 
+    def start_counts(self, rank_order: torch.Tensor) -> tuple[torch.Tensor, GuardedWork]:
+        """Start the counts exchange: (receive buffer, handle). Each rank receives its peers' counts for its own
+        experts; with shadows, every rank's whole count vector (the shadow decision needs the world's loads)."""
+        table, world, group = self.placement, self.groups.ep_size, self.groups.ep_group
+        name = f"{self.name}.dispatch.counts"
+        if self.shadow_experts:
+            return gather_counts(rank_order, world, group, name)
+        per_rank = list(table.rank_sizes)
+        return exchange_counts(rank_order, per_rank, per_rank[self.groups.ep_rank], world, group, name, async_op=True)
+
+    def direct_route(
+        self, x: torch.Tensor, perm: Permutation, n_self: int, counts_in: torch.Tensor, arrival: GuardedWork
+    ) -> Route:
+        """Without shadows: the rows are gathered while the counts travel, in send order as sorted."""
+        pieces = gather_pieces(x, perm.token, piece_sizes(n_self, perm.token.shape[0]))
+        arrival.wait()
+        world, n_local = self.groups.ep_size, self.placement.rank_sizes[self.groups.ep_rank]
+        return Route(counts_in.view(world, n_local).tolist(), perm.token, perm.weight, pieces, [0] * world)
+
+    def shadow_route(
+        self,
+        x: torch.Tensor,
+        perm: Permutation,
+        counts: list[int],
+        n_self: int,
+        gathered: torch.Tensor,
+        arrival: GuardedWork,
+        experts: ExpertBank,
+    ) -> Route:
+        """With shadows, once every rank's counts are here: plan this step's shadows, move the rows this rank keeps
+        for them up behind its own rows, gather the rows, and broadcast the shadowed experts' weights (this forward's
+        ``ShadowCopies``, which the kept rows are computed with)."""
+        table, world, me = self.placement, self.groups.ep_size, self.groups.ep_rank
+        bounds = list(table.rank_offsets)
+        arrival.wait()
+        matrix = gathered.view(world, table.num_experts).tolist()  # [source rank][rank-order position]
+        shadows = plan_shadows(matrix, bounds, self.shadow_experts, self.shadow_min_rows)
+        rows = shadow_rows(matrix, bounds, me, shadows)
+        token, weight = perm.token, perm.weight
+        n_kept = sum(k for _, k in rows.kept)
+        if n_kept:  # the kept rows move up behind the own rows, out of the outgoing block
+            ranges = kept_order(counts, bounds, me, n_self, rows.kept)
+            order = torch.cat([torch.arange(s, s + n, device=token.device) for s, n in ranges])
+            token, weight = token[order], weight[order]
+        pieces = gather_pieces(x, token, piece_sizes(n_self, token.shape[0], n_kept))
+        copies, kept_ffn = None, no_rows
+        if shadows:
+            copies = ShadowCopies.broadcast(shadows, dict(experts.weights()), me, self.groups.ep_group, self.name)
+            kept_ffn = partial(copies.compute, experts)
+        return Route(rows.received, token, weight, pieces, rows.kept_from, kept_ffn, copies)
+
     @staticmethod
-    def overlapped(pieces, own, remote, experts, shadow, dispatch, combine) -> list[torch.Tensor]:
+    def overlapped(pieces, own, remote, experts, kept_ffn, exchange: RowExchange) -> list[torch.Tensor]:
         """Output pieces in send order; half of the own rows and the kept rows hide the dispatch exchange, the other
         half the combine."""
         first, second, kept, outgoing = pieces
         own_first, own_second = split_segments(own, first.shape[0])
-        buf, flight = dispatch(outgoing)
+        buf, flight = exchange.dispatch(outgoing)
         y_first = experts(first, own_first)
-        y_kept = shadow(kept)
-        buf, flight = combine(experts(finish_all_to_all(buf, flight), remote))
+        y_kept = kept_ffn(kept)
+        buf, flight = exchange.combine(experts(finish_all_to_all(buf, flight), remote))
         y_second = experts(second, own_second)
         return [y_first, y_second, y_kept, finish_all_to_all(buf, flight)]
 
     @staticmethod
-    def merged(pieces, own, remote, experts, shadow, dispatch, combine) -> list[torch.Tensor]:
+    def merged(pieces, own, remote, experts, kept_ffn, exchange: RowExchange) -> list[torch.Tensor]:
         """Output pieces in send order; every expert runs once on its own and received rows together."""
         first, second, kept, outgoing = pieces
-        buf, flight = dispatch(outgoing)
-        y_kept = shadow(kept)
+        buf, flight = exchange.dispatch(outgoing)
+        y_kept = kept_ffn(kept)
         received = finish_all_to_all(buf, flight)
         sizes = [first.shape[0], second.shape[0], received.shape[0]]
         y_first, y_second, y_remote = experts(torch.cat([first, second, received]), own + remote).split(sizes)
-        buf, flight = combine(y_remote)
+        buf, flight = exchange.combine(y_remote)
         return [y_first, y_second, y_kept, finish_all_to_all(buf, flight)]
 
     def overlaps(self, rows: int, n_local: int) -> bool:

@@ -14,14 +14,19 @@ times the mean rows, its expert with the most rows from other ranks is shadowed,
 first, keeps up to half its gap to the busiest rank of its rows for it; a shadow that keeps fewer than ``min_rows``
 rows in all is not worth its weight transfer, and ends the search.
 
-Gradients: the copies are leaf tensors; their gradients are summed over the expert-parallel group in one
-all-reduce per layer when the backward pass ends (a callback queued by the layer output's backward, as DDP queues its
-own), and each owner adds its experts' sums into their ``.grad``. Every rank registers the same shadows in the same
-order (the decision is a function of the gathered counts), so the reductions match across ranks.
+Gradients: the copies are leaf tensors, made per dispatch in a ``ShadowCopies`` that only that forward's autograd
+graph holds (through an identity node on the layer's output). When a backward pass reaches that node, it queues the
+reduction of exactly these copies' gradients to run when that backward pass ends (as DDP queues its own): one
+all-reduce over the expert-parallel group per layer and backward, then each owner adds its experts' sums into their
+``.grad``. Nothing is kept anywhere else, so two layers or models whose forwards interleave, a backward nested in
+another, a recomputed forward or a forward that never sees a backward (its copies go with its graph) cannot reduce
+each other's copies. Every rank makes the same shadows (the decision is a function of the gathered counts) and runs
+the same backward graph, so the reductions are queued, and run, in the same order on every rank.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +35,9 @@ import torch.distributed as dist
 from ..parallel.collectives import all_reduce, guarded
 
 SHADOW_TOLERANCE = 0.02  # the busiest rank within 2% of the mean rows: nothing to shadow
-# A shadow moving fewer rows than this in all is not worth its weights' broadcast and gradient all-reduce (2 MB each
-# way for a 256x1024 FFN: about 3 ms on loopback gloo, the compute of some 200 rows on one CPU core).
+# A shadow moving fewer rows than this in all is not worth its weights' broadcast and gradient all-reduce: moving an
+# expert's weights each way costs as much as computing a good number of rows with them, and this is of that order
+# (measured: docs/BENCHMARKS.md, expert_parallel).
 SHADOW_MIN_ROWS = 256
 
 
@@ -130,26 +136,70 @@ def broadcast_weights(
     return {n: c.requires_grad_(torch.is_grad_enabled()) for n, c in copies.items()}
 
 
-@dataclass
-class PendingShadows:
-    """One layer's shadows of one forward, waiting for the end of the backward to sum their gradients."""
+def kept_order(
+    counts: list[int], bounds: list[int], me: int, n_self: int, kept: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """(start, length) ranges of the send order, reordered: own rows, then the rows this rank keeps for each shadow
+    ((rank-order position, rows): the first rows of that expert's block), then the rest of the outgoing rows."""
+    start, p_start = n_self, {}
+    for p in [p for p in range(len(counts)) if not bounds[me] <= p < bounds[me + 1]]:
+        p_start[p] = start
+        start += counts[p]
+    ranges, cut = [(0, n_self)], {}
+    for p, k in kept:
+        ranges.append((p_start[p], k))
+        cut[p_start[p]] = k
+    for p in sorted(p_start, key=p_start.get):
+        skip = cut.get(p_start[p], 0)
+        if counts[p] - skip:
+            ranges.append((p_start[p] + skip, counts[p] - skip))
+    return [(s, n) for s, n in ranges if n]
+
+
+@dataclass(eq=False)
+class ShadowCopies:
+    """One forward's copies of its shadowed experts, and the reduction of their gradients into the owners'.
+
+    Made per dispatch; after the forward only the node ``attach`` puts on the layer output refers to it, so it lives
+    exactly as long as that forward's graph, and only a backward through that graph reduces its gradients."""
 
     shadows: list[Shadow]
-    copies: dict[str, torch.Tensor]
-    owned: dict[str, torch.Tensor]  # the owner's stacked parameters, by the same names
+    weights: dict[str, torch.Tensor]  # {name: [len(shadows), ...]} leaf copies, broadcast from the owners
+    owned: dict[str, torch.Tensor]  # this rank's stacked parameters, by the same names
     me: int
     group: object
     name: str
 
-    def reduce(self) -> None:
-        names = sorted(self.copies)
+    @classmethod
+    def broadcast(
+        cls, shadows: list[Shadow], owned: dict[str, torch.Tensor], me: int, group, name: str
+    ) -> ShadowCopies:
+        return cls(shadows, broadcast_weights(shadows, owned, me, group, name), owned, me, group, name)
+
+    def compute(self, experts: Callable[..., torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
+        """The rows this rank keeps (in shadow order) through ``experts`` with the copies' weights."""
+        if not kept.shape[0]:
+            return kept.new_zeros(0, kept.shape[1])
+        segments = [(i, sh.keep[self.me]) for i, sh in enumerate(self.shadows) if sh.keep[self.me]]
+        return experts(kept, segments, self.weights)
+
+    def attach(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` through an identity node that holds these copies; its backward queues ``reduce_grads``."""
+        return ReduceAfterBackward.apply(out, self) if out.requires_grad else out
+
+    def reduce_grads(self) -> None:
+        """Sum the copies' gradients over the group into the owners' ``.grad``. The copies' ``.grad`` is cleared, so
+        a second backward through a retained graph adds its own gradients only."""
+        names = sorted(self.weights)
         grads = [
-            self.copies[n].grad if self.copies[n].grad is not None else torch.zeros_like(self.copies[n]) for n in names
+            self.weights[n].grad if self.weights[n].grad is not None else torch.zeros_like(self.weights[n])
+            for n in names
         ]
         flat = torch.cat([g.reshape(-1) for g in grads])
         all_reduce(flat, self.group, f"{self.name}.shadow.grads")
         for n, summed in zip(names, flat.split([g.numel() for g in grads])):
-            summed = summed.view_as(self.copies[n])
+            self.weights[n].grad = None
+            summed = summed.view_as(self.weights[n])
             p = self.owned[n]
             for i, sh in enumerate(self.shadows):
                 if sh.owner == self.me:
@@ -158,40 +208,17 @@ class PendingShadows:
                     p.grad[sh.slot].add_(summed[i].to(p.grad.dtype))
 
 
-_pending: list[PendingShadows] = []
-_flush_queued = False
-
-
-def register(entry: PendingShadows) -> None:
-    _pending.append(entry)
-
-
-def _flush() -> None:
-    """End of a backward pass: every layer's shadow gradients, in the order their forwards registered them."""
-    global _flush_queued
-    _flush_queued = False
-    entries = list(_pending)
-    _pending.clear()
-    for entry in entries:
-        entry.reduce()
-
-
-class FlushAfterBackward(torch.autograd.Function):
-    """Identity on the layer's output; its backward (the layer's first, on every rank) queues ``_flush`` to run when
-    the whole backward pass is done, after every shadow copy's gradient has been accumulated."""
+class ReduceAfterBackward(torch.autograd.Function):
+    """Identity on a layer's output that carries its forward's ``ShadowCopies``. Its backward runs before any of the
+    layer's other backward nodes and queues the copies' reduction on the backward pass running it, to run when that
+    pass is done, after every copy's gradient has been accumulated."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, x: torch.Tensor, copies: ShadowCopies) -> torch.Tensor:  # noqa: D102
+        ctx.copies = copies
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        global _flush_queued
-        if not _flush_queued:
-            _flush_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(_flush)
-        return grad
-
-
-def flush_after_backward(out: torch.Tensor) -> torch.Tensor:
-    return FlushAfterBackward.apply(out) if out.requires_grad else out
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
+        torch.autograd.Variable._execution_engine.queue_callback(ctx.copies.reduce_grads)
+        return grad, None
