@@ -185,6 +185,11 @@ class MoELayer(nn.Module):
         """Parameters whose leading dimension is the expert: gate rows (by position) and expert weights (by slot)."""
         return list(self.router.row_parameters().values()) + list(self.experts.weights().values())
 
+    def moe_parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(gate, routed experts): gate rows are replicated over the world, experts over their data-parallel replicas
+        (parallel/grads.py asks every module for these)."""
+        return list(self.router.parameters()), list(self.experts.parameters())
+
     def moe_parameters(self) -> list[nn.Parameter]:
         """What the MoE side owns (MoEAdam, expert-parallel sync, adaptation): the gate and the routed experts. The
         shared experts are dense: the dense engine owns them."""

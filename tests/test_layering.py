@@ -49,15 +49,6 @@ CONTROL_PLANE_MAY_IMPORT = (
 # changes goes through MoELayer.install(table, next_expert_id).
 CONTROL_PLANE_MAY_SET = ("recorder", "active")
 
-# Imports that break the tiers today, each with the reason it is there. The test fails when a new one appears, and
-# also when one listed here is gone (then remove it from the list and from docs/ARCHITECTURE.md).
-KNOWN_VIOLATIONS = {
-    # sync_gradients sorts parameters by their place in MoELayers; the layer imports parallel/, so this import is
-    # deferred to call time. To be resolved by passing the parameter kinds in, or moving the sort above the layer.
-    ("dynmoe_dist.parallel.grads", "dynmoe_dist.layer"),
-}
-
-
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -125,7 +116,7 @@ def test_every_unit_has_a_tier() -> None:
 
 
 def test_imports_go_down_the_tiers_only() -> None:
-    new = violations() - KNOWN_VIOLATIONS
+    new = violations()
     details = [
         f"{module_name(p)}:{line} imports {t} ({unit_of_file(p)} is tier {TIER[unit_of_file(p)]}, "
         f"{unit_of_module(t)} is tier {TIER[unit_of_module(t)]})"
@@ -134,11 +125,6 @@ def test_imports_go_down_the_tiers_only() -> None:
         if (module_name(p), t) in new
     ]
     assert not details, "\n".join(details)
-
-
-def test_known_violations_are_still_real() -> None:
-    gone = KNOWN_VIOLATIONS - violations()
-    assert not gone, f"no longer imported, remove from KNOWN_VIOLATIONS and docs/ARCHITECTURE.md: {sorted(gone)}"
 
 
 def test_the_control_plane_imports_only_its_doors() -> None:

@@ -23,14 +23,18 @@ from .groups import ParallelGroups
 
 
 def moe_parameter_kinds(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """{'dense': [...], 'gate': [...], 'expert': [...]}, each parameter once, in module order."""
-    from ..layer import MoELayer  # the layer imports parallel/, so resolve at call time
+    """{'dense': [...], 'gate': [...], 'expert': [...]}, each parameter once, in module order.
 
+    A module that owns MoE parameters says which through ``moe_parameter_groups() -> (gate, expert)`` (MoELayer
+    does); asking the module keeps this package below the layer, which needs parallel/ for its collectives.
+    """
     gate, expert = set(), set()
     for m in model.modules():
-        if isinstance(m, MoELayer):
-            gate.update(id(p) for p in m.router.parameters())
-            expert.update(id(p) for p in m.experts.parameters())
+        groups = getattr(m, "moe_parameter_groups", None)
+        if callable(groups):
+            gates, experts = groups()
+            gate.update(id(p) for p in gates)
+            expert.update(id(p) for p in experts)
     kinds: dict[str, list[nn.Parameter]] = {"dense": [], "gate": [], "expert": []}
     for p in model.parameters():
         if p.requires_grad:
