@@ -12,9 +12,10 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dynmoe_dist.parallel.bootstrap import free_port, init_local_rank
+
+import dist_pool
 
 TIMEOUT_S = 5.0
 MARGIN_S = 25.0
@@ -51,7 +52,7 @@ def _worker(rank: int, port: int, mode: str, results) -> None:
 
 @pytest.mark.parametrize("mode", ["killed", "hung"])
 def test_dead_rank_gives_clear_error_in_time(mode: str) -> None:
-    ctx = mp.get_context("spawn")
+    ctx = dist_pool.context()  # forked from a server with torch and dynmoe_dist imported: ranks start at once
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, mode, results), daemon=True) for r in range(WORLD)]
