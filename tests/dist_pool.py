@@ -161,6 +161,11 @@ def close_pools() -> None:
     for p in _POOLS.values():
         p.close()
     _POOLS.clear()
+    # then the fork server itself, waited for: no process is left behind, and the CPU time of every worker it forked
+    # counts in this process's children (what `time pytest` reports)
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()
 
 
 atexit.register(close_pools)
