@@ -42,7 +42,7 @@ class Target:
     bound: float
 
     def __str__(self) -> str:
-        return f"{self.op} {self.bound:g}"
+        return f"{self.op} {self.bound}"
 
     def met(self, value: float) -> bool:
         return OPS[self.op](value, self.bound)
@@ -252,7 +252,7 @@ DOCUMENTS: dict[str, tuple[str, Callable[[dict], list[Row]] | None]] = {
     "expert_parallel": ("expert-parallel layer: ours / DeepSpeed-MoE and Tutel", expert_parallel_rows),
     "expert_parallel_sweep": ("expert-parallel layer, granularity sweep", expert_parallel_sweep_rows),
     "adapt": ("adaptation event / training step", adapt_rows),
-    "train_targets": ("end to end: (a) / (b) and (a) / (c), 8 rounds", None),
+    "train_targets": ("end to end: (a) / (b) and (a) / (c), the targets run", None),
     "train": ("end to end: every variant", None),
     "checkpoint": ("checkpoint bytes / training state", checkpoint_rows),
 }
