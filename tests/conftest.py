@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import launch_support
 import pytest
 import torch
 
@@ -338,3 +339,19 @@ def ref():
         route=ref_route,
         Route=RefRoute,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# launches in the background of the suite (launch_support)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    launch_support.modules_with_launches_last(items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The session's launches: queued at its start by the modules that read them, killed at its end if still running."""
+    runs = launch_support.start_background(request.session, tmp_path_factory)
+    yield runs
+    runs.close()
