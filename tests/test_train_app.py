@@ -1,5 +1,10 @@
 """The application end to end, as users start it: torchrun, 2 CPU ranks, a tiny config, both engines; the run folder,
-the metrics and event files, wandb's offline files, what is printed last, and the report on that run."""
+the metrics and event files, wandb's offline files, what is printed last, and the report on that run.
+
+Every launch is real. They run in the background of the suite from its start (launch_support): first the runs that
+need nothing (both engines in fp32 and bf16, the uninterrupted 24-step run), then the ones that go on from a finished
+run (resume, the refusals, the report), each started once its run has finished. A test waits for its own.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
+from launch_support import Commands, Done, Launches, Runs
 
 from dynmoe_dist.parallel.bootstrap import free_port
 from dynmoe_dist.train.report import PLOTS
@@ -31,28 +37,105 @@ ARGS = (
     "adapt.min_experts=2",
     "adapt.rebalance_threshold=1.01",
 )
+TIMEOUT_S = 300  # each launch, counted from its own start
 
 
-def train(out: Path, *args: str) -> subprocess.CompletedProcess:
+def train(out: Path, *args: str) -> Commands:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += ["-m", "dynmoe_dist.train", *ARGS, f"out_dir={out}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return [(cmd, env)]
 
 
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    out = tmp_path_factory.mktemp("runs")
-    done = {}
-    for engine, extra in (("deepspeed", ()), ("torch", ("engine=torch", "logging.wandb=disabled"))):
-        proc = train(out, f"name={engine}", *extra)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        done[engine] = (out / engine, proc)
+def one(launches: Runs, name: str) -> Done:
+    (done,) = launches.result(name)
     return done
+
+
+def succeeded(launches: Runs, name: str) -> Done:
+    done = one(launches, name)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+ENGINES = {"deepspeed": (), "torch": ("engine=torch", "logging.wandb=disabled")}
+
+
+def queue_launches(runs: Runs, wanted: set[str], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """At the start of the session (launch_support): every launch a selected test of this module reads. A launch that
+    goes on from a finished run is queued after it and prepares its folder (a copy, a damaged shard) once that run has
+    finished; what it saw then is in ``runs.notes`` for its test."""
+    out = runs.notes["out"] = tmp_path_factory.mktemp("runs")
+    for engine in ENGINES if wanted else ():  # every test reads one of these two runs, or goes on from one
+        runs.submit(engine, partial(train, out, f"name={engine}", *ENGINES[engine]), TIMEOUT_S, split=True)
+    if "test_resume_auto_continues_the_run_as_if_uninterrupted" in wanted:
+        whole = partial(train, out / "resume", "name=whole", f"steps={STEPS + 8}", "logging.wandb=disabled")
+        runs.submit("whole", whole, TIMEOUT_S, split=True)
+    if "test_bf16_tracks_the_fp32_run" in wanted:
+        for engine in ENGINES:
+            bf16 = ("name=bf16", f"engine={engine}", "engine.precision=bf16", "logging.wandb=disabled")
+            runs.submit(f"bf16-{engine}", partial(train, out / f"bf16-{engine}", *bf16), TIMEOUT_S, split=True)
+
+    def after(name: str, prepare):
+        def make() -> Commands:
+            succeeded(runs, name)
+            return prepare()
+
+        return make
+
+    if "test_an_existing_run_is_never_overwritten" in wanted:
+
+        def existing() -> Commands:
+            runs.notes["existing"] = (out / "torch" / "metrics.jsonl").read_bytes()
+            return train(out, "name=torch", "engine=torch", "logging.wandb=disabled", "resume=none")
+
+        runs.submit("existing", after("torch", existing), TIMEOUT_S, split=True)
+    if "test_resume_auto_continues_the_run_as_if_uninterrupted" in wanted:
+
+        def resume() -> Commands:
+            folder = copy_of(out / "deepspeed", out / "resume", ignore=REPORT)  # the report may be writing
+            runs.notes["resume"] = (folder / "checkpoints" / "latest").read_text().strip()
+            return train(folder.parent, "name=deepspeed", f"steps={STEPS + 8}", "logging.wandb=disabled")
+
+        runs.submit("resume", after("deepspeed", resume), TIMEOUT_S, split=True)
+    if "test_a_damaged_checkpoint_is_refused_and_nothing_is_written" in wanted:
+
+        def damaged() -> Commands:
+            folder = copy_of(out / "torch", out / "damaged")
+            latest = folder / "checkpoints" / (folder / "checkpoints" / "latest").read_text().strip()
+            shard = latest / "shared.safetensors"
+            data = bytearray(shard.read_bytes())
+            data[-10] ^= 0xFF
+            shard.write_bytes(bytes(data))
+            runs.notes["damaged"] = files_of(folder)
+            return train(folder.parent, "name=torch", "engine=torch", "logging.wandb=disabled", "steps=24")
+
+        runs.submit("damaged", after("torch", damaged), TIMEOUT_S, split=True)
+    if "test_report_on_the_recorded_run" in wanted:
+
+        def report() -> Commands:
+            return [([sys.executable, "-m", "dynmoe_dist.train.report", str(out / "deepspeed")], dict(os.environ))]
+
+        runs.submit("report", after("deepspeed", report), 120, split=True)
+
+
+@pytest.fixture(scope="module")
+def launches(background: Launches) -> Runs:
+    return background.module(__name__)
+
+
+@pytest.fixture(scope="module")
+def out(launches: Runs) -> Path:
+    return launches.notes["out"]
+
+
+@pytest.fixture(scope="module")
+def runs(launches: Runs, out: Path) -> dict[str, tuple[Path, Done]]:
+    return {engine: (out / engine, succeeded(launches, engine)) for engine in ENGINES}
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "torch"])
@@ -101,23 +184,22 @@ def test_both_engines_reach_the_same_losses(runs) -> None:
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "torch"])
-def test_bf16_tracks_the_fp32_run(runs, tmp_path: Path, engine: str) -> None:
+def test_bf16_tracks_the_fp32_run(runs, launches: Runs, out: Path, engine: str) -> None:
     """bf16 (DeepSpeed's bf16 engine; autocast under the torch engine, where the routed rows travel and compute in
     bf16 with autocast off inside the layer) trains the same run as fp32 within bf16's rounding."""
-    proc = train(tmp_path, "name=bf16", f"engine={engine}", "engine.precision=bf16", "logging.wandb=disabled")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = succeeded(launches, f"bf16-{engine}")
     assert f"{engine} engine, bf16 on cpu" in proc.stderr
-    rows = records(tmp_path / "bf16" / "metrics.jsonl")
+    rows = records(out / f"bf16-{engine}" / "bf16" / "metrics.jsonl")
     assert all(math.isfinite(r["grad_norm"]) for r in rows if r["kind"] == "train")
     val = [r["loss"] for r in rows if r["kind"] == "val"]
     fp32 = [r["loss"] for r in records(runs[engine][0] / "metrics.jsonl") if r["kind"] == "val"]
     assert val == pytest.approx(fp32, rel=0.03) and val[-1] < val[0]
 
 
-def test_an_existing_run_is_never_overwritten(runs) -> None:
+def test_an_existing_run_is_never_overwritten(runs, launches: Runs) -> None:
     folder, _ = runs["torch"]
-    before = (folder / "metrics.jsonl").read_bytes()
-    proc = train(folder.parent, "name=torch", "engine=torch", "logging.wandb=disabled", "resume=none")
+    proc = one(launches, "existing")
+    before = launches.notes["existing"]
     assert proc.returncode != 0  # each rank exits 2; torchrun reports the failure as 1
     assert proc.stderr.count("already holds a run") == 1  # said once, by rank 0
     assert "resume=auto" in proc.stderr and "overwrite=true" in proc.stderr
@@ -137,22 +219,28 @@ def comparable(folder: Path) -> list[tuple]:
     return out
 
 
-def copy_of(folder: Path, tmp_path: Path) -> Path:
+REPORT = ("plots", "summary.md")  # what the report adds to a run folder
+
+
+def copy_of(folder: Path, parent: Path, ignore: tuple[str, ...] = ()) -> Path:
     """A copy of a finished run to go on from, so the module's runs stay as the other tests expect them."""
-    target = tmp_path / "runs" / folder.name
-    shutil.copytree(folder, target)
+    target = parent / folder.name
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns(*ignore))
     return target
 
 
-def test_resume_auto_continues_the_run_as_if_uninterrupted(runs, tmp_path: Path) -> None:
+def files_of(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "wandb" not in p.parts}
+
+
+def test_resume_auto_continues_the_run_as_if_uninterrupted(launches: Runs, out: Path) -> None:
     """A second launch of the same run with more steps picks up its last checkpoint (written at the end)."""
-    folder = copy_of(runs["deepspeed"][0], tmp_path)
-    assert (folder / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:06d}"
-    more = STEPS + 8
-    proc = train(folder.parent, "name=deepspeed", f"steps={more}", "logging.wandb=disabled")
+    proc = one(launches, "resume")
+    folder = out / "resume" / "deepspeed"
+    assert launches.notes["resume"] == f"step_{STEPS:06d}"
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {folder / 'checkpoints' / f'step_{STEPS:06d}'}" in proc.stderr
-    whole = train(folder.parent, "name=whole", f"steps={more}", "logging.wandb=disabled")
+    whole = one(launches, "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     resumed, uninterrupted = comparable(folder), comparable(folder.parent / "whole")
     assert [r[:2] for r in resumed] == [r[:2] for r in uninterrupted]  # one record per step, none twice
@@ -165,26 +253,18 @@ def test_resume_auto_continues_the_run_as_if_uninterrupted(runs, tmp_path: Path)
     ]
 
 
-def test_a_damaged_checkpoint_is_refused_and_nothing_is_written(runs, tmp_path: Path) -> None:
-    folder = copy_of(runs["torch"][0], tmp_path)
-    latest = folder / "checkpoints" / (folder / "checkpoints" / "latest").read_text().strip()
-    shard = latest / "shared.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-10] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "wandb" not in p.parts}
-    proc = train(folder.parent, "name=torch", "engine=torch", "logging.wandb=disabled", "steps=24")
+def test_a_damaged_checkpoint_is_refused_and_nothing_is_written(launches: Runs, out: Path) -> None:
+    proc = one(launches, "damaged")
+    before = launches.notes["damaged"]
     assert proc.returncode != 0
     assert "shared.safetensors does not match its SHA-256" in proc.stderr
-    after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    after = files_of(out / "damaged" / "torch")
     assert after == before
 
 
-def test_report_on_the_recorded_run(runs) -> None:
+def test_report_on_the_recorded_run(runs, launches: Runs) -> None:
     folder, _ = runs["deepspeed"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "dynmoe_dist.train.report", str(folder)], capture_output=True, text=True, timeout=120
-    )
+    proc = one(launches, "report")
     assert proc.returncode == 0, proc.stderr
     for name in PLOTS:
         png = folder / "plots" / name
