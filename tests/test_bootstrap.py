@@ -2,20 +2,21 @@
 
 The environment tests pass a dict to ``detect_env``, so they never touch this process's environment. The two
 end-to-end tests start real 2-process jobs (MPICH's ``mpiexec`` and torchrun) on gloo over loopback, each under a
-hard timeout so a hang fails the test instead of blocking the suite.
+hard timeout so a hang fails the test instead of blocking the suite; they run in the background of the suite from its
+start (launch_support).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch_support import Commands, Launches, Runs
 
 from dynmoe_dist.errors import ConfigError, DynMoEError
 from dynmoe_dist.parallel.bootstrap import free_port, init_distributed, shutdown
@@ -421,40 +422,58 @@ def _child_environ(**extra: str) -> dict[str, str]:
     return env
 
 
-def _launch(cmd: list[str], environ: dict[str, str]) -> list[list[str]]:
-    """Run a launcher command in its own session; on timeout kill the whole session so no rank outlives the test."""
-    proc = subprocess.Popen(
-        cmd, env=environ, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{cmd[0]} did not finish in {LAUNCH_TIMEOUT_S} s:\n{out}")
-    assert proc.returncode == 0, out
-    return sorted(match.split() for match in re.findall(r"OK (\d+ \d+ \d+ \d+ \w+ \d+)", out))
+def _mpiexec() -> Path:
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    return mpiexec if mpiexec.exists() else Path(shutil.which("mpiexec") or "mpiexec")
+
+
+def queue_launches(runs: Runs, wanted: set[str], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """At the start of the session (launch_support): the two real launches, which run beside the other tests."""
+    if "test_mpiexec_two_ranks" in wanted and _mpiexec().exists() and importlib.util.find_spec("mpi4py"):
+        # No MASTER_ADDR: rank 0's host name is broadcast through mpi4py.
+        def mpiexec() -> Commands:
+            return [
+                (
+                    [str(_mpiexec()), "-n", "2", sys.executable, "-c", WORKER],
+                    _child_environ(MASTER_PORT=str(free_port())),
+                )
+            ]
+
+        runs.submit("mpiexec", mpiexec, LAUNCH_TIMEOUT_S, cwd=REPO)
+    if "test_torchrun_two_ranks" in wanted:
+        script = tmp_path_factory.mktemp("bootstrap") / "worker.py"
+        script.write_text(WORKER)
+
+        def torchrun() -> Commands:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
+            cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)]
+            return [(cmd, _child_environ())]
+
+        runs.submit("torchrun", torchrun, LAUNCH_TIMEOUT_S, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def launches(background: Launches) -> Runs:
+    return background.module(__name__)
+
+
+def _ok_lines(launches: Runs, name: str) -> list[list[str]]:
+    """The launch's ranks' report lines; it ran in its own session, killed whole had it not finished in time."""
+    (done,) = launches.result(name)
+    assert done.returncode == 0, done.output
+    return sorted(match.split() for match in re.findall(r"OK (\d+ \d+ \d+ \d+ \w+ \d+)", done.output))
 
 
 @pytest.mark.timeout(60)
-def test_mpiexec_two_ranks():
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        mpiexec = Path(shutil.which("mpiexec") or "mpiexec")
-    if not mpiexec.exists():
+def test_mpiexec_two_ranks(launches: Runs):
+    if not _mpiexec().exists():
         pytest.skip("no mpiexec next to the Python interpreter (pip install mpich)")
     pytest.importorskip("mpi4py")
-    # No MASTER_ADDR: rank 0's host name is broadcast through mpi4py.
-    environ = _child_environ(MASTER_PORT=str(free_port()))
-    lines = _launch([str(mpiexec), "-n", "2", sys.executable, "-c", WORKER], environ)
+    lines = _ok_lines(launches, "mpiexec")
     assert lines == [["0", "2", "0", "2", "mpich", "1"], ["1", "2", "1", "2", "mpich", "1"]]
 
 
 @pytest.mark.timeout(60)
-def test_torchrun_two_ranks(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)]
-    lines = _launch(cmd, _child_environ())
+def test_torchrun_two_ranks(launches: Runs):
+    lines = _ok_lines(launches, "torchrun")
     assert lines == [["0", "2", "0", "2", "torchrun", "1"], ["1", "2", "1", "2", "torchrun", "1"]]

@@ -4,13 +4,11 @@ combination is refused with a message naming it, before any process group starts
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from launch_support import Commands, Launches, Runs
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from dynmoe_dist.errors import ConfigError
@@ -105,37 +103,45 @@ def test_combinations_that_cannot_work_are_refused(overrides, world, setting, hi
     assert hint in str(err.value), str(err.value)
 
 
-def test_cli_refuses_before_any_process_group_starts(tmp_path: Path) -> None:
+def queue_launches(runs: Runs, wanted: set[str], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """At the start of the session (launch_support): the two command-line runs, which run beside the other tests."""
+    if "test_cli_refuses_before_any_process_group_starts" in wanted:
+        out = runs.notes["refuses"] = tmp_path_factory.mktemp("refuses")
+
+        def refuses() -> Commands:
+            env = {
+                **os.environ,
+                "RANK": "0",
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port()),
+            }
+            return [([sys.executable, "-m", "dynmoe_dist.train", "parallel.ep_size=3", f"out_dir={out}"], env)]
+
+        runs.submit("refuses", refuses, 120, split=True)
+    if "test_cli_names_an_unknown_key" in wanted:
+        out = tmp_path_factory.mktemp("unknown")
+        cmd = [sys.executable, "-m", "dynmoe_dist.train", "model.layers=4", f"out_dir={out}"]
+        runs.submit("unknown", lambda: [(cmd, dict(os.environ))], 120, split=True)
+
+
+@pytest.fixture(scope="module")
+def launches(background: Launches) -> Runs:
+    return background.module(__name__)
+
+
+def test_cli_refuses_before_any_process_group_starts(launches: Runs) -> None:
     """Rank 0 of a 2-rank launch whose peer never comes: a bad combination must end it at once, not at a timeout."""
-    env = {
-        **os.environ,
-        "RANK": "0",
-        "WORLD_SIZE": "2",
-        "LOCAL_RANK": "0",
-        "LOCAL_WORLD_SIZE": "2",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dynmoe_dist.train", "parallel.ep_size=3", f"out_dir={tmp_path}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    (proc,) = launches.result("refuses")
     assert proc.returncode == 2, proc.stderr
     assert "parallel.ep_size=3" in proc.stderr and "divisor of the world size 2" in proc.stderr
-    assert time.monotonic() - t0 < 60  # no rendezvous wait (the collective timeout is 600 s)
-    assert not any(tmp_path.iterdir())  # nothing written
+    assert proc.seconds < 60  # no rendezvous wait (the collective timeout is 600 s)
+    assert not any(launches.notes["refuses"].iterdir())  # nothing written
 
 
-def test_cli_names_an_unknown_key(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "dynmoe_dist.train", "model.layers=4", f"out_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_cli_names_an_unknown_key(launches: Runs) -> None:
+    (proc,) = launches.result("unknown")
     assert proc.returncode != 0
     assert "model.layers" in proc.stderr and "not in 'ModelConfig'" in proc.stderr, proc.stderr
