@@ -72,10 +72,15 @@ def test_deepspeed_equals_torch_engine(torch_run: list[dict], stage: int) -> Non
 SHARED = ["moe.num_shared_experts=2", "moe.shared_d_ff=16"]
 
 
+@pytest.fixture(scope="module")
+def torch_shared_run() -> list[dict]:
+    return dist_pool.pool(2).run(case_train, ["engine=torch", *SHARED])
+
+
 @pytest.mark.parametrize("stage", [0, 2])
-def test_deepspeed_equals_torch_engine_with_shared_experts(stage: int) -> None:
+def test_deepspeed_equals_torch_engine_with_shared_experts(torch_shared_run: list[dict], stage: int) -> None:
     """Shared experts are dense: DeepSpeed reduces and steps them, the torch engine does; the losses agree."""
-    ref = dist_pool.pool(2).run(case_train, ["engine=torch", *SHARED])
+    ref = torch_shared_run
     ds = dist_pool.pool(2).run(case_train, ["engine=deepspeed", f"engine.zero_stage={stage}", *SHARED])
     assert ds[0]["shared"] == ref[0]["shared"] == 2 * 1  # w_in, w_out in the tiny model's one MoE block
     assert any(e[3] or e[4] for e in ref[0]["events"])  # experts were added or removed around the shared ones
