@@ -49,6 +49,7 @@ CONTROL_PLANE_MAY_IMPORT = (
 # changes goes through MoELayer.install(table, next_expert_id).
 CONTROL_PLANE_MAY_SET = ("recorder", "active")
 
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
