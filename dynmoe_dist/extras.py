@@ -17,6 +17,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "mpi": ("mpi4py",),
     "tutel": ("tutel",),
     "bench": ("scipy", "cpuinfo"),
+    "hf": ("transformers", "tokenizers"),
 }
 
 

@@ -13,6 +13,7 @@ which all ranks must seed alike), so no broadcast is needed at start.
 
 Shared experts (``num_shared_experts``, DeepSeekMoE): always-on FFNs every token passes through, added to the
 routed output. They are dense parameters (``moe_parameters`` leaves them out) and run while the routed rows travel.
+``shared_gate`` scales their output by a per-token sigmoid gate (Qwen2-MoE).
 
 Shadow experts (``shadow_experts=n``, FasterMoE's shadowing): per step, up to n of the busiest rank's hottest experts
 are copied to the other ranks, which compute part of their own rows for them instead of sending them; the copies'
@@ -62,6 +63,7 @@ class MoELayer(nn.Module):
         min_capacity: int = 0,
         num_shared_experts: int = 0,
         shared_d_ff: int | None = None,
+        shared_gate: bool = False,
         check_finite: bool = False,
         groups: ParallelGroups | None = None,
         placement: PlacementTable | None = None,
@@ -117,7 +119,7 @@ class MoELayer(nn.Module):
             "an integer >= 0",
         )
         self.shared = (
-            SharedExperts(d_model, shared_d_ff or d_ff, num_shared_experts, activation, seed, expert_bias)
+            SharedExperts(d_model, shared_d_ff or d_ff, num_shared_experts, activation, seed, expert_bias, shared_gate)
             if num_shared_experts
             else None
         )

@@ -27,7 +27,17 @@ from dynmoe_dist.parallel.bootstrap import free_port, init_local_rank
 COLLECTIVE_TIMEOUT_S = 60.0
 _GROUPS: dict[int, Any] = {}
 # What the fork server imports before it forks any worker (a module that fails to import is skipped by multiprocessing).
-PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "deepspeed", "dynmoe_dist", "dist_pool", "train_support")
+# dynmoe_dist.hf brings transformers (seconds of imports that every rank of every Hugging Face case would pay again).
+PRELOAD = (
+    "torch",
+    "torch._dynamo",
+    "torch.distributed",
+    "deepspeed",
+    "dynmoe_dist",
+    "dynmoe_dist.hf",
+    "dist_pool",
+    "train_support",
+)
 
 
 def context():

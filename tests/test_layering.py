@@ -28,7 +28,8 @@ TIERS: list[tuple[str, ...]] = [
     ("layer",),
     ("optim", "__init__"),  # __init__: the package root, which re-exports MoELayer and the errors
     ("adapt", "checkpoint"),
-    ("compat", "train"),
+    ("compat", "hf"),  # hf: Hugging Face models on MoELayer (convert, upcycle, export)
+    ("train",),  # the application may use the drop-ins and the Hugging Face package
     ("cli",),
     ("__main__",),  # any ``__main__.py``: ``python -m dynmoe_dist.train`` runs the console script's function
 ]

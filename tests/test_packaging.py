@@ -25,6 +25,7 @@ def test_core_declares_torch_numpy_safetensors_only() -> None:
     assert {"train", "mpi", "tutel", "dev"} <= set(extras)
     assert any("deepspeed" in dep for dep in extras["train"]) and any("mpi4py" in dep for dep in extras["mpi"])
     assert any("[train,mpi" in dep for dep in extras["dev"])  # make test installs every extra through [dev]
+    assert any(dep.startswith("transformers") for dep in extras["hf"]) and any("hf]" in dep for dep in extras["dev"])
 
 
 def test_core_modules_import_no_application_dependency() -> None:

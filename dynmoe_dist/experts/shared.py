@@ -8,6 +8,8 @@ a sum of FFNs is one FFN whose hidden units are theirs side by side, so expert `
 They are dense parameters. They are replicated on every rank and data-parallel over the world. The dense engine
 (DeepSpeed) owns them. Adaptation never adds, removes or moves them. Under expert parallelism they run while the
 routed rows are in flight (``ExpertParallelDispatcher``'s ``alongside``).
+
+``gated=True`` scales their output per token by a sigmoid gate, as Qwen2-MoE does.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from .grouped import expert_ffn
 
 class SharedExperts(nn.Module):
     def __init__(
-        self, d_model: int, d_ff: int, num: int, activation: str = "gelu", seed: int = 0, bias: bool = False
+        self,
+        d_model: int,
+        d_ff: int,
+        num: int,
+        activation: str = "gelu",
+        seed: int = 0,
+        bias: bool = False,
+        gated: bool = False,
     ) -> None:
         super().__init__()
         check(isinstance(num, int) and num >= 1, "num_shared_experts", num, "an integer >= 1 (0: no shared experts)")
@@ -37,6 +46,9 @@ class SharedExperts(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(wide)) if bias else None
         self.b_gate = nn.Parameter(torch.zeros(wide)) if bias and is_gated(activation) else None
         self.b_out = nn.Parameter(torch.zeros(d_model)) if bias else None
+        # Qwen2-MoE's shared-expert gate: the output times sigmoid(x . g), one scalar per token; g starts at 0 (a
+        # factor of 1/2) and is set from the checkpoint when a model is converted
+        self.gate = nn.Parameter(torch.zeros(d_model, 1)) if gated else None
         self.reset_parameters(seed)
 
     def weights(self) -> dict[str, nn.Parameter]:
@@ -60,4 +72,7 @@ class SharedExperts(nn.Module):
             self.w_out[cols].copy_(torch.randn(self.d_ff, self.d_model, generator=g) * self.d_ff**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return expert_ffn(x, self.weights(), self.activation)
+        out = expert_ffn(x, self.weights(), self.activation)
+        if self.gate is not None:
+            out = out * torch.sigmoid(x @ self.gate.to(x.dtype))
+        return out

@@ -45,9 +45,29 @@ class TopKConfig:
     input_jitter: float = 0.0  # DeepSpeed 'Jitter': the gate input times uniform(1 - eps, 1 + eps)
     selection_noise: str = "none"  # 'gumbel': DeepSpeed 'RSample'; 'gumbel_second': its top2_2nd_expert_sampling
     logit_noise: float = 0.0  # Tutel gate_noise: logits + noise * N(0, 1) / E, before the softmax
+    # Pretrained families' rules (dynmoe_dist.hf reproduces them exactly); the defaults are GShard's softmax top-k.
+    score: str = "softmax"  # 'sigmoid': independent per-expert scores (DeepSeek-V3)
+    # A per-expert bias added to the scores for choosing only, never for weighting (DeepSeek-V3's
+    # e_score_correction_bias); a gate row that adaptation slices and moves, not trained by the gradient.
+    selection_bias: bool = False
+    # Grouped top-k (DeepSeek-V3's device-limited routing): experts in ``num_groups`` equal groups, each group scored
+    # by the sum of its two best choice scores, the ``top_groups`` best groups kept, the k experts chosen among them.
+    num_groups: int = 1
+    top_groups: int = 1
+    scaling: float = 1.0  # every routed weight times this (DeepSeek-V3's routed_scaling_factor)
 
     def __post_init__(self) -> None:
         check(isinstance(self.k, int) and self.k >= 1, "k", self.k, "an integer >= 1")
+        check(self.score in ("softmax", "sigmoid"), "score", self.score, "'softmax' or 'sigmoid'")
+        groups_ok = isinstance(self.num_groups, int) and self.num_groups >= 1
+        check(groups_ok, "num_groups", self.num_groups, "an integer >= 1")
+        check(
+            isinstance(self.top_groups, int) and 1 <= self.top_groups <= self.num_groups,
+            "top_groups",
+            self.top_groups,
+            f"an integer in 1..num_groups={self.num_groups}",
+        )
+        check(self.scaling > 0, "scaling", self.scaling, "a factor > 0")
         check(self.balance_weight >= 0, "balance_weight", self.balance_weight, "a weight >= 0")
         check(self.balance_counts in ("all", "first"), "balance_counts", self.balance_counts, "'all' or 'first'")
         check(0 <= self.input_jitter < 1, "input_jitter", self.input_jitter, "a fraction in [0, 1)")
