@@ -9,7 +9,7 @@ WHEELS ?= ../shared/wheels
 export WANDB_MODE ?= offline
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv test lint unit bench train clean
+.PHONY: venv test lint unit bench quality train clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,13 @@ bench: $(STAMP)
 	$(PY) -m benchmarks train --variants ours_top2,deepspeed_dropless,deepspeed_cf1 --rounds 8 --json $(RESULTS)/train_targets.json
 	$(PY) -m benchmarks checkpoint --json $(RESULTS)/checkpoint.json
 	$(PY) -m benchmarks report --write README.md
+
+# What each gate buys in model quality (hours: 12 variants x 2 seeds x 300 and 1000 steps, 2 ranks each). Every run is
+# cached in benchmarks/quality_runs/ and resumes where it stopped: run it again after an interruption.
+# QUALITY_ARGS: e.g. --variants top2,top_any_demo --steps 300, or --data FOLDER --tag NAME for another corpus.
+QUALITY_ARGS ?=
+quality: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks quality $(QUALITY_ARGS)
 
 # The demo run: 2 CPU ranks, or one rank per GPU where there are GPUs, then the report.
 #   make train                                   # torchrun, the demo config

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "adapt": "benchmarks.adapt",
     "train": "benchmarks.train",
     "checkpoint": "benchmarks.checkpoint",
+    "quality": "benchmarks.quality",  # hours: validation loss per gate at equal model, data, steps and seeds
     "report": "benchmarks.summary",  # the README's results table from benchmarks/results/*.json
 }
 

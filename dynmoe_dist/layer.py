@@ -143,6 +143,13 @@ class MoELayer(nn.Module):
                 f"MoELayer(d_model={self.d_model}) takes [batch, seq, {self.d_model}] or [tokens, {self.d_model}]; "
                 f"got {tuple(x.shape)}"
             )
+        if not x.is_floating_point():
+            raise ConfigError(
+                "MoELayer input dtype",
+                x.dtype,
+                "a floating-point tensor (float32, bfloat16, float16 or float64): "
+                "the layer takes hidden states; embed token ids before it",
+            )
         flat = x.reshape(-1, self.d_model)
         if self.check_finite:
             self.assert_finite(flat, "input")

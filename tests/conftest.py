@@ -206,13 +206,21 @@ def ref_top_any(
     simple_weight: float = 1.0,
     balance_weight: float = 1.0,
     efficiency_weight: float = 1.0,
+    unrouted_rule: str = "drop",
+    efficiency_free: int = 0,
+    route_weight: float = 0.0,
 ):
-    """DynMoE Top-Any, token by token. ``a`` uses the straight-through trick step + (r - r.detach())."""
+    """DynMoE Top-Any, token by token. ``a`` uses the straight-through trick step + (r - r.detach()).
+
+    ``unrouted_rule="top1"``: in training too, a token no expert accepted goes to its most similar expert with weight
+    1 whose gradient is that pair's margin s - t; ``efficiency_free=1``: tokens with k <= 1 cost no efficiency loss;
+    ``route_weight``: the hinge relu(t - s) of the most similar expert, averaged over all tokens, for unrouted ones.
+    """
     num = w.shape[0]
     w_norm = [torch.sqrt((w[e] * w[e]).sum()) for e in range(num)]
     w_unit = [w[e] / w_norm[e] for e in range(num)]
     thresholds = [torch.sigmoid(g[e] * scale) for e in range(num)]
-    choice, a_rows, s_rows, unrouted = [], [], [], []
+    choice, a_rows, s_rows, unrouted, margins = [], [], [], [], []
     for t in range(x.shape[0]):
         xu = x[t] / torch.sqrt((x[t] * x[t]).sum())
         s = [torch.sigmoid((xu @ w_unit[e]) * scale) for e in range(num)]
@@ -221,15 +229,20 @@ def ref_top_any(
             r = torch.clamp(s[e] - thresholds[e], min=0.0)
             a.append((1.0 if _val(r) > 0 else 0.0) + (r - r.detach()))
         k = sum(_val(v) for v in a)
+        best = max(range(num), key=lambda e: _val(s[e]))
         if k >= 1:
             ksum = sum(a)
             choice.append({e: a[e] / ksum for e in range(num) if _val(a[e]) > 0})
-        elif training:
+        elif training and unrouted_rule == "drop":
             choice.append({})
-            unrouted.append(t)
+        elif training:
+            margin = s[best] - thresholds[best]
+            choice.append({best: 1.0 + (margin - margin.detach())})
         else:
-            best = max(range(num), key=lambda e: _val(s[e]))
             choice.append({best: torch.ones((), dtype=x.dtype)})
+        if k == 0 and training:
+            unrouted.append(t)
+            margins.append(s[best] - thresholds[best])
         a_rows.append(a)
         s_rows.append(s)
     losses = {}
@@ -248,13 +261,17 @@ def ref_top_any(
             if routed:
                 for e in range(num):
                     p_mean = sum(a[e] / sum(a) for a in routed) / len(routed)
-                    a_mean = sum(a[e] for a in routed) / len(routed)
-                    bal = bal + p_mean * a_mean
+                    f_share = sum(_val(a[e]) for a in routed) / len(routed)  # a count: no gradient
+                    bal = bal + p_mean * f_share
                 bal = num * bal
             losses["balance"] = aux_weight * balance_weight * bal
         if efficiency_weight:
-            eff = sum(sum(a) for a in a_rows) / (len(a_rows) * num)
+            costly = [a for a in a_rows if sum(_val(v) for v in a) > efficiency_free]
+            eff = sum(sum(a) for a in costly) / (len(a_rows) * num) if costly else a_rows[0][0] * 0.0
             losses["efficiency"] = aux_weight * efficiency_weight * eff
+        if route_weight and training:
+            hinge = sum(torch.clamp(-m, min=0.0) for m in margins) / len(a_rows) if margins else x.sum() * 0.0
+            losses["route"] = aux_weight * route_weight * hinge
     return RefRoute(choice, losses, {"a": a_rows, "s": s_rows, "unrouted": unrouted})
 
 
@@ -301,6 +318,9 @@ def ref_route(router, x: torch.Tensor, importance: torch.Tensor | None = None, p
             cfg.simple_weight,
             cfg.balance_weight,
             cfg.efficiency_weight,
+            cfg.unrouted,
+            cfg.efficiency_free,
+            cfg.route_weight,
         )
     if kind == "top_k":
         return ref_top_k(x, p["weight"], cfg.k, cfg.renormalize, cfg.balance_weight)

@@ -7,10 +7,10 @@ launches defines ``queue_launches(runs, wanted, tmp_path_factory)``: at the star
 beside the other tests, two at a time while a test waits for one. Those modules run last
 (``modules_with_launches_last``), so their launches are mostly done when their tests read them.
 
-Each launch runs in its own session under its own timeout, counted from its start; a launch marked ``alone`` runs
-only when its test asks for it, with no other launch running (for refusals where only rank 0 prints, and the launcher
-kills rank 0 when another rank exits first). Whatever still runs at the end of the session is killed with its whole
-process group: no rank outlives the suite.
+Each launch runs in its own session under its own timeout, counted from its start; the launches marked ``alone`` run
+when the first of their tests asks for one, one after the other with no other launch running (for refusals where only
+rank 0 prints, and the launcher kills rank 0 when another rank exits first). Whatever still runs at the end of the
+session is killed with its whole process group: no rank outlives the suite.
 """
 
 from __future__ import annotations
@@ -118,18 +118,7 @@ class Launches:
         """Wait for launch ``name`` (one ``Done`` per command); a launch that did not finish in time fails the test."""
         launch = self._launches[name]
         if launch.alone and not launch.done.is_set():
-            with self._turn:
-                self._alone = True  # no new launch starts; wait for the running ones
-                self._turn.wait_for(lambda: self._running == 0)
-            try:
-                launch.result = self._run(launch)
-            except BaseException as exc:  # noqa: BLE001 - reported below, like a queued launch's
-                launch.result = f"could not start: {exc!r}"
-            finally:
-                with self._turn:
-                    self._alone = False
-                    self._turn.notify_all()
-                launch.done.set()
+            self._run_alone()
         with self._turn:
             self._waiters += 1
             self._turn.notify_all()
@@ -141,6 +130,25 @@ class Launches:
         if isinstance(launch.result, str):
             pytest.fail(f"launch {name} {launch.result}")
         return launch.result
+
+    def _run_alone(self) -> None:
+        """Let the running launches end, start none, and run every `alone` launch not run yet, one after the other
+        (those of later tests too: one pause of the queue for all of them)."""
+        with self._turn:
+            self._alone = True
+            self._turn.wait_for(lambda: self._running == 0)
+        try:
+            for launch in [lch for lch in self._launches.values() if lch.alone and not lch.done.is_set()]:
+                try:
+                    launch.result = self._run(launch)
+                except BaseException as exc:  # noqa: BLE001 - reported by result(), like a queued launch's
+                    launch.result = f"could not start: {exc!r}"
+                finally:
+                    launch.done.set()
+        finally:
+            with self._turn:
+                self._alone = False
+                self._turn.notify_all()
 
     def _run(self, launch: _Launch) -> list[Done] | str:
         commands = launch.make()

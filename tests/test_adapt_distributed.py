@@ -22,7 +22,8 @@ from dynmoe_dist.placement import PlacementTable
 import dist_pool
 
 D, D_FF, E, STEPS = 8, 12, 6, 18
-ROUTER = {"kind": "top_any", "balance_weight": 0.0}
+# The reference rules (k = 0 tokens go nowhere, new thresholds at 0): this data then sees adds, removes and rebalances
+ROUTER = {"kind": "top_any", "balance_weight": 0.0, "unrouted": "drop", "new_threshold": "zero"}
 
 
 class Model(nn.Module):
@@ -77,7 +78,11 @@ def train(world: int, rank: int | None, groups=None, threshold: float | None = 1
     dense_opt = torch.optim.Adam(dense, lr=1e-2)
     opt = MoEAdam.for_moe(model, lr=1e-2)
     cfg = AdaptConfig(
-        record_steps=2, idle_steps=1, policy=PolicyConfig(max_experts=9), rebalance_threshold=threshold, tolerance=0.0
+        record_steps=2,
+        idle_steps=1,
+        policy=PolicyConfig(max_experts=9, direction="mean"),
+        rebalance_threshold=threshold,
+        tolerance=0.0,
     )
     ctl = AdaptController(model, opt, groups, cfg)
     events = []

@@ -7,6 +7,8 @@ controller.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -21,8 +23,13 @@ IDLE = 50.0  # a threshold whose sigmoid rounds to 1: no similarity (at most sig
 MIXED = [0.1, 0.4, 0.2, 0.6]  # thresholds that leave some tokens unrouted and spread the rest
 
 
+# The control plane's mechanics are tested on Top-Any with the reference rules: a token no expert accepts goes nowhere
+# (so an expert behind an IDLE threshold receives nothing) and a new expert's threshold starts at 0.
+ROUTER = {"kind": "top_any", "unrouted": "drop", "new_threshold": "zero"}
+
+
 def make_layer(seed: int, thresholds=None, num_experts: int = E, expert_bias: bool = False) -> MoELayer:
-    layer = MoELayer(D, FF, num_experts, router="top_any", seed=seed, expert_bias=expert_bias).double().train()
+    layer = MoELayer(D, FF, num_experts, router=ROUTER, seed=seed, expert_bias=expert_bias).double().train()
     if thresholds is not None:
         with torch.no_grad():
             layer.router.threshold.copy_(torch.tensor(thresholds, dtype=torch.float64))
@@ -35,12 +42,15 @@ def make_tokens(seed: int, n: int) -> torch.Tensor:
 
 
 def recount(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Plain Top-Any routing from the current parameters: (tokens per position, unrouted sum, unrouted count)."""
+    """Plain Top-Any routing from the current parameters: (tokens per position, unrouted sum, unrouted count). A token
+    no expert accepted is unrouted, and by the default rule it still goes to its most similar expert, which counts."""
     x = x.reshape(-1, D)
     w = layer.router.weight.detach()
     cos = (x / x.norm(dim=-1, keepdim=True)) @ (w / w.norm(dim=-1, keepdim=True)).T
     active = torch.sigmoid(cos) > torch.sigmoid(layer.router.threshold.detach())
     unrouted = active.sum(-1) == 0
+    if layer.router.cfg.unrouted == "top1":
+        active |= torch.nn.functional.one_hot(cos.argmax(-1), cos.shape[1]).bool() & unrouted[:, None]
     return active.sum(0).to(torch.float64), x[unrouted].sum(0), float(unrouted.sum())
 
 
@@ -242,6 +252,31 @@ def test_policy_gate_row_is_the_normalised_unrouted_sum():
     assert d.add[0].gate_row.data_ptr() != d.add[1].gate_row.data_ptr()
 
 
+@pytest.mark.parametrize(("unrouted", "min_share", "adds"), [(5, 0.01, 0), (20, 0.01, 1), (1, 0.0, 1), (10, 0.01, 0)])
+def test_policy_adds_only_above_the_unrouted_share(unrouted, min_share, adds):
+    """add_min_share (default 1%): a window of 1000 tokens with a handful unrouted adds nothing; the reference
+    (add_min_share=0) adds for a single token."""
+    window = stats([0, 1], [2, 2], unrouted, UNROUTED)
+    window.token_count, window.token_sum = 1000.0, torch.zeros(D, dtype=torch.float64)
+    assert len(dynmoe_policy(window, 2, PolicyConfig(add_min_share=min_share)).add) == adds
+
+
+def test_policy_centered_gate_row_points_where_the_unrouted_tokens_differ():
+    """direction="centered" (the default): the unrouted mean less the routed tokens' mean, normalised; the plain
+    mean ("mean", the reference) when the window has no token sum."""
+    common = torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0], dtype=torch.float64)  # every token's shared component
+    unrouted = common + torch.tensor([0, 0, 1.0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    routed = common + torch.tensor([0, 0, 0, 0, 0, 0, 0, 2.0], dtype=torch.float64)
+    window = stats([0, 1], [2, 2], 4, (4 * unrouted).tolist())
+    window.token_count, window.token_sum = 10.0, 4 * unrouted + 6 * routed
+    (new,) = dynmoe_policy(window, 2, PolicyConfig()).add
+    want = torch.tensor([0, 0, 1.0, 0, 0, 0, 0, -2.0], dtype=torch.float64) / math.sqrt(5.0)
+    torch.testing.assert_close(new.gate_row, want, rtol=0, atol=1e-12)
+    (plain,) = dynmoe_policy(window, 2, PolicyConfig(direction="mean")).add
+    torch.testing.assert_close(plain.gate_row, unrouted / unrouted.norm(), rtol=0, atol=1e-12)
+    assert float(plain.gate_row @ common) > 0.9 * float(common.norm())  # the plain mean points at the shared part
+
+
 @pytest.mark.parametrize(
     ("ids", "tokens", "source"),
     [
@@ -394,7 +429,8 @@ def rows_by_id(layer: MoELayer, opt: MoEAdam) -> dict[tuple[str, int], tuple[tor
 def run_to_first_event(init: str, dense_init=None, expert_bias: bool = False):
     """Experts 1 and 3 never fire, 0 and 2 leave tokens unrouted; the window of 3 steps closes at step 3."""
     layer = make_layer(5, [0.3, IDLE, 0.1, IDLE], expert_bias=expert_bias)
-    opt, ctrl = controller(layer, 1e-3, dense_init, record_steps=3, idle_steps=2, policy=PolicyConfig(init=init))
+    policy = PolicyConfig(init=init, direction="mean")  # the reference's gate row: the unrouted tokens' mean
+    opt, ctrl = controller(layer, 1e-3, dense_init, record_steps=3, idle_steps=2, policy=policy)
     loss = None
     for step in range(3):
         opt.zero_grad()
@@ -412,6 +448,29 @@ def run_to_first_event(init: str, dense_init=None, expert_bias: bool = False):
         "unrouted_count": float(layer.recorder.unrouted[-1]),
     }
     return layer, opt, ctrl, before, ctrl.step(), loss
+
+
+def test_new_expert_threshold_is_the_median_by_default():
+    """Top-Any's default new_threshold="median": an added expert is as selective as the layer's median expert (the
+    reference's 0 would accept every token on its side of the hyperplane)."""
+    layer = MoELayer(D, FF, E, router={"kind": "top_any", "unrouted": "drop"}, seed=5).double().train()
+    thresholds = torch.tensor([0.3, IDLE, 0.1, IDLE], dtype=torch.float64)
+    with torch.no_grad():
+        layer.router.threshold.copy_(thresholds)
+    opt, ctrl = controller(layer, 1e-3, record_steps=3, idle_steps=2)
+    events = []
+    for step in range(3):
+        opt.zero_grad()
+        y, aux = layer(make_tokens(70 + step, 32))
+        ((y**2).sum() + aux.loss).backward()
+        opt.step()
+        kept = layer.router.threshold.detach().clone()
+        events = ctrl.step()
+    (ev,) = events
+    assert ev.added == [4] and ev.removed == [1, 3]
+    new_threshold = float(layer.router.threshold.detach()[-1])
+    assert new_threshold == float(kept[[0, 2]].median())  # the median of the experts that stay
+    assert new_threshold != 0.0
 
 
 @pytest.mark.parametrize("init", ["copy", "random", "dense"])

@@ -111,6 +111,37 @@ def test_importance_of_wrong_shape(importance, parts):
         assert part in str(info.value), (part, str(info.value))
 
 
+def bad_values(kind: str) -> torch.Tensor:
+    importance = torch.rand(12)
+    importance[3] = {"nan": float("nan"), "inf": float("inf"), "negative": -0.25}[kind]
+    return importance
+
+
+@pytest.mark.parametrize(
+    ("importance", "parts"),
+    [
+        (bad_values("nan"), ["importance", "1 NaN", "finite values >= 0"]),
+        (bad_values("inf"), ["importance", "1 infinite", "finite values >= 0"]),
+        (bad_values("negative"), ["importance", "1 negative", "finite values >= 0"]),
+        (torch.ones(12, dtype=torch.int64), ["importance dtype", "torch.int64", "floating-point"]),
+        (torch.full((2, 2, 6, 6), float("nan")), ["importance", "144 NaN"]),
+    ],
+)
+def test_importance_values_outside_the_allowed_range_are_refused(importance, parts):
+    """NaN, infinite or negative importance would silently become some k: refused, naming the argument."""
+    layer = MoELayer(D, FF, E, router={"kind": "importance_k", "k_max": 2})
+    with raises_config(parts):
+        layer(torch.randn(2, 6, D), importance)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+@pytest.mark.parametrize("gate", ["top_any", "top_k", "importance_k"])
+def test_non_float_input_is_refused_naming_the_dtype(dtype, gate):
+    layer = MoELayer(D, FF, E, router=gate, activation="gelu")
+    with raises_config(["MoELayer input dtype", str(dtype), "floating-point", "embed token ids"]):
+        layer(torch.ones(4, D, dtype=dtype))
+
+
 def test_unknown_router_kind():
     with raises_config(["router.kind", "'top_q'", *ALL_KINDS]):
         MoELayer(D, FF, E, router="top_q")

@@ -12,6 +12,7 @@ from dynmoe_dist import MoELayer
 D, FF, E = 8, 12, 5
 GATE_SPECS = {
     "top_any": {"kind": "top_any"},
+    "top_any_reference": {"kind": "top_any", "unrouted": "drop", "efficiency_free": 0, "route_weight": 0.0},
     "top_k": {"kind": "top_k", "k": 2},
     "top_p": {"kind": "top_p", "p": 0.5, "entropy_weight": 0.1},
     "importance_k": {"kind": "importance_k", "k_max": 3},
@@ -120,9 +121,10 @@ def test_layer_matches_naive_loop(gate, activation, capacity_factor, shape, rng,
     for t in range(flat_y.shape[0]):
         if t not in served:
             assert float(flat_y[t].abs().max()) == 0.0
-    if gate == "top_any":
-        unrouted = [t for t, k in enumerate(route.k()) if k == 0]
+    if spec["kind"] == "top_any":
+        unrouted = route.extra["unrouted"]  # tokens the gate accepted for no expert (default rule: sent to one)
         assert unrouted, "test data should contain tokens with k = 0"
+        assert all((route.k()[t] == 0) == (spec.get("unrouted") == "drop") for t in unrouted)
         assert int(aux.stats.unrouted_count) == len(unrouted)
         flat_x = x.reshape(-1, D)
         torch.testing.assert_close(aux.stats.unrouted_sum, flat_x[unrouted].sum(0), rtol=1e-12, atol=1e-12)

@@ -14,8 +14,10 @@ from dynmoe_dist.routing import IMPORTANCE_FUNCTIONS, ImportanceKConfig, Importa
 SEEDS = (0, 1, 2)
 D, E, S = 8, 6, 40
 
+REFERENCE_TOP_ANY = {"unrouted": "drop", "efficiency_free": 0, "route_weight": 0.0}  # the reference code's rules
 SPECS = {
     "top_any": {"kind": "top_any"},
+    "top_any_reference": {"kind": "top_any", **REFERENCE_TOP_ANY},
     "top_any_temperature": {"kind": "top_any", "trainable_temperature": True},
     "top_any_weighted": {"kind": "top_any", "aux_weight": 0.1, "diverse_weight": 2.0, "efficiency_weight": 0.5},
     "top_k": {"kind": "top_k", "k": 2},
@@ -101,7 +103,9 @@ def test_gate_matches_reference(name, seed, rng, ref):
     if spec["kind"] in ("top_any", "top_p", "relu", "null", "importance_k"):
         assert len(set(k)) > 1, f"test data should give a varying k, got {k}"
     if spec["kind"] == "top_any":
-        assert 0 in k and max(k) >= 2, k
+        assert expected.extra["unrouted"] and max(k) >= 2, k  # tokens no expert accepted, and tokens with several
+        assert int(plan.stats.unrouted_count) == len(expected.extra["unrouted"])
+        assert (0 in k) == (router.cfg.unrouted == "drop")  # "top1" sends them to their most similar expert
     if spec["kind"] in ("top_p", "importance_k", "top_k"):
         assert min(k) >= 1
     if spec["kind"] == "top_k":
@@ -120,9 +124,9 @@ def test_eval_mode_matches_reference(name, seed, rng, ref):
 # Top-Any specifics
 
 
-def top_any_with_unrouted(seed: int, rng):
+def top_any_with_unrouted(seed: int, rng, **rules):
     """Experts 0, 1, 3 unreachable (t = sigmoid(3) > max s = sigmoid(1)); expert 2 takes tokens with cos > 0."""
-    router = make_router({"kind": "top_any"}, seed, num_experts=4)
+    router = make_router({"kind": "top_any", **rules}, seed, num_experts=4)
     with torch.no_grad():
         router.threshold.copy_(torch.tensor([3.0, 3.0, 0.0, 3.0], dtype=torch.float64))
     x = rng(seed, 24, D)
@@ -134,7 +138,8 @@ def top_any_with_unrouted(seed: int, rng):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_top_any_training_leaves_k0_tokens_unrouted(seed, rng, ref):
-    router, x = top_any_with_unrouted(seed, rng)
+    """The reference rule (unrouted="drop"): a token no expert accepted gets no expert in training."""
+    router, x = top_any_with_unrouted(seed, rng, **REFERENCE_TOP_ANY)
     router.train()
     plan = router(x)
     w2 = router.weight.detach()[2]
@@ -151,6 +156,39 @@ def test_top_any_training_leaves_k0_tokens_unrouted(seed, rng, ref):
     expected_sum = sum((x[t] for t in unrouted), torch.zeros(D, dtype=torch.float64))
     torch.testing.assert_close(plan.stats.unrouted_sum, expected_sum, rtol=1e-12, atol=1e-12)
     assert_matches(plan, ref.route(router, x), x.shape[0], 4)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_top_any_training_sends_k0_tokens_to_most_similar_and_records_them(seed, rng, ref):
+    """The default rule (unrouted="top1"): in training as in evaluation a token no expert accepted goes to its most
+    similar expert with weight 1; it still counts as unrouted (adaptation adds experts for it), and the route hinge
+    lifts it toward that expert's threshold."""
+    router, x = top_any_with_unrouted(seed, rng)
+    plan = router.train()(x)
+    eval_plan = router.eval()(x)
+    router.train()
+    w2 = router.weight.detach()[2]
+    cos = [float(x[t] @ w2 / (x[t].norm() * w2.norm())) for t in range(x.shape[0])]
+    unrouted = [t for t in range(x.shape[0]) if cos[t] <= 0]
+    assert unrouted[:4] == [0, 1, 2, 3] and 4 not in unrouted
+    got, got_eval = plan_choice(plan, x.shape[0]), plan_choice(eval_plan, x.shape[0])
+    for t in range(x.shape[0]):
+        assert set(got[t]) == set(got_eval[t]) and len(got[t]) == 1  # training routes as evaluation does
+        assert float(next(iter(got[t].values()))) == 1.0
+    assert int(plan.stats.unrouted_count) == len(unrouted) and plan.k.min() == 1
+    expected_sum = sum((x[t] for t in unrouted), torch.zeros(D, dtype=torch.float64))
+    torch.testing.assert_close(plan.stats.unrouted_sum, expected_sum, rtol=1e-12, atol=1e-12)
+    assert float(plan.aux_losses["route"].detach()) > 0
+    assert_matches(plan, ref.route(router, x), x.shape[0], 4)
+    # the gradient of an unrouted token's weight reaches its expert's threshold: lowering it lowers the loss when the
+    # expert helps (a negative cost per unit weight)
+    cost = torch.zeros(x.shape[0], 4, dtype=torch.float64)
+    cost[unrouted] = -1.0
+    router.zero_grad()
+    router(x).weight.mul(cost[plan.token, plan.expert]).sum().backward()
+    fallback = {next(iter(got[t])) for t in unrouted}
+    for e in range(4):  # gradient descent lowers the thresholds of the experts unrouted tokens went to, only those
+        assert (float(router.threshold.grad[e]) > 0) == (e in fallback), (e, fallback)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -520,10 +558,15 @@ def test_gradcheck_top_any_similarity_and_losses(tau, rng):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("tau", [None, math.log(10.0), 1.0, 6.0])
-def test_top_any_straight_through_gradient(seed, tau, rng):
-    """Router autograd gradients = the STE definition: d relu(s - t) gets dL/da unchanged."""
+@pytest.mark.parametrize("rules", ["default", "reference"])
+def test_top_any_straight_through_gradient(seed, tau, rules, rng):
+    """Router autograd gradients = the STE definition: d relu(s - t) gets dL/da unchanged; with the default rules a
+    token no expert accepted also sends the gradient of its fallback weight and of the route hinge to the margin
+    s - t of its most similar expert."""
     num, d, tokens = 5, 6, 30
-    router = make_router({"kind": "top_any", "trainable_temperature": tau is not None}, seed, d=d, num_experts=num)
+    spec = {"kind": "top_any", "trainable_temperature": tau is not None}
+    spec.update(REFERENCE_TOP_ANY if rules == "reference" else {})
+    router = make_router(spec, seed, d=d, num_experts=num)
     if tau is not None:
         with torch.no_grad():
             router.tau.fill_(tau)
@@ -548,31 +591,41 @@ def test_top_any_straight_through_gradient(seed, tau, rng):
     if tau is None or tau < math.log(100.0):
         assert (k >= 2).any()  # at scale 100 sigmoid saturates to 1 in float64 and fewer pairs pass
 
-    # dL/da with a as a leaf, in a plain reimplementation of the loss
-    a = on.clone().requires_grad_()
-    wleaf = w.clone().requires_grad_()
+    # dL/d(s - t) with the margins as a leaf, in a plain reimplementation of the loss: a = step + relu - relu.detach()
     cfg = router.cfg
+    margin = (s - t).clone().requires_grad_()
+    relu = torch.clamp(margin, min=0.0)
+    a = on + (relu - relu.detach())
+    wleaf = w.clone().requires_grad_()
     ka = a.sum(-1, keepdim=True)
     routed = k >= 1
     weights = torch.where(routed[:, None], a / ka.clamp(min=1.0), torch.zeros_like(a))
+    best = s.argmax(-1)
+    if cfg.unrouted == "top1":  # weight 1 for the most similar expert, with that pair's margin as its gradient
+        fallback = torch.nn.functional.one_hot(best, num).bool() & ~routed[:, None]
+        weights = torch.where(fallback, 1.0 + (margin - margin.detach()), weights)
     plain = (weights * c).sum()
     wn = wleaf / wleaf.norm(dim=-1, keepdim=True)
     plain = plain + cfg.aux_weight * cfg.diverse_weight * torch.sqrt(((wn @ wn.t() - torch.eye(num)) ** 2).sum())
     plain = plain + cfg.aux_weight * cfg.simple_weight * wleaf.norm(dim=-1).mean()
     ar = a[routed]
     pr = ar / ar.sum(-1, keepdim=True)
-    plain = plain + cfg.aux_weight * cfg.balance_weight * num * (pr.mean(0) * ar.mean(0)).sum()
-    plain = plain + cfg.aux_weight * cfg.efficiency_weight * a.mean()
+    # f_e, the share of tokens that took e, is a count (no gradient), as in the reference code
+    plain = plain + cfg.aux_weight * cfg.balance_weight * num * (pr.mean(0) * ar.detach().mean(0)).sum()
+    costly = (k > cfg.efficiency_free).double()[:, None]
+    plain = plain + cfg.aux_weight * cfg.efficiency_weight * (a * costly).mean()
+    best_margin = margin.gather(1, best[:, None]).squeeze(1)
+    plain = plain + cfg.aux_weight * cfg.route_weight * (torch.clamp(-best_margin, min=0.0) * ~routed).mean()
     assert float(plain.detach()) == pytest.approx(float(loss.detach()), rel=1e-12)
     plain.backward()
-    g_relu = a.grad * on  # STE: identity into relu(s - t); relu passes where s - t > 0
+    g_margin = margin.grad
 
     ds = s * (1 - s) * scale  # d s / d cos
     dt = t * (1 - t) * scale  # d t / d G
-    expected_g = -(g_relu * dt).sum(0)
+    expected_g = -(g_margin * dt).sum(0)
     torch.testing.assert_close(router.threshold.grad, expected_g, rtol=1e-9, atol=1e-12)
     # d cos[t, e] / d W_e = (xu_t - cos wu_e) / |W_e|;  d cos[t, e] / d x_t = (wu_e - cos xu_t) / |x_t|
-    gc = g_relu * ds
+    gc = g_margin * ds
     expected_w = wleaf.grad.clone()
     for e in range(num):
         expected_w[e] += (gc[:, e : e + 1] * (xu - cos[:, e : e + 1] * wu[e])).sum(0) / w[e].norm()
@@ -584,10 +637,12 @@ def test_top_any_straight_through_gradient(seed, tau, rng):
     if tau is not None:
         # d scale / d tau = scale below the clamp at ln 100, 0 above it
         dscale = scale if tau < math.log(100.0) else 0.0
-        expected_tau = (g_relu * (s * (1 - s) * cos - t * (1 - t) * g)).sum() * dscale
+        expected_tau = (g_margin * (s * (1 - s) * cos - t * (1 - t) * g)).sum() * dscale
         assert float(router.tau.grad) == pytest.approx(float(expected_tau), rel=1e-9, abs=1e-12)
         if tau > math.log(100.0):
             assert float(router.tau.grad) == 0.0
-    # only activated pairs send gradient to a threshold
-    inactive = on.sum(0) == 0
-    assert (router.threshold.grad[inactive] == 0).all()
+    # only activated pairs (and, by default, the experts unrouted tokens fall back to) send gradient to a threshold
+    idle = on.sum(0) == 0
+    if cfg.unrouted == "top1":
+        idle &= torch.bincount(best[~routed], minlength=num) == 0
+    assert (router.threshold.grad[idle] == 0).all()

@@ -150,7 +150,9 @@ def test_distributed_shared_experts_equal_single_process(world):
 def case_adaptation_leaves_shared_experts_alone() -> dict:
     world = dist.get_world_size()
     groups = dist_pool.groups(world)
-    layer = MoELayer(D, FF, 4, "top_any", groups=groups, num_shared_experts=1, seed=8).double()
+    # the reference's k = 0 rule: with the default top-1 rule, the idle experts would get the unrouted tokens
+    router = {"kind": "top_any", "unrouted": "drop"}
+    layer = MoELayer(D, FF, 4, router, groups=groups, num_shared_experts=1, seed=8).double()
     with torch.no_grad():
         layer.router.threshold.copy_(torch.tensor([0.1, 50.0, 0.2, 50.0], dtype=torch.float64))  # 1 and 3 idle
     moe_opt = MoEAdam.for_moe(layer, lr=1e-3)

@@ -26,9 +26,13 @@ TINY = (
 )
 
 # Top-Any with windows of 3 steps + 1 idle, one expert slot to grow into and a low rebalance threshold; with
-# ``seed_events`` below, 20 steps see adds, removes and rebalances (checked by the tests that use it).
+# ``seed_events`` below, 20 steps see adds, removes and rebalances (checked by the tests that use it). The gate and the
+# add rule of the reference code: their events come early and often on a tiny model (with the default top-1 rule for
+# unrouted tokens the idle expert would get tokens; the default 1% add bound waits for more unrouted tokens).
 EVENTS = (
-    "moe=top_any",
+    "moe=top_any_reference",
+    "adapt.direction=mean",
+    "adapt.add_min_share=0",
     "moe.num_experts=6",
     "adapt.record_steps=3",
     "adapt.idle_steps=1",

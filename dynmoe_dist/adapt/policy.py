@@ -15,6 +15,7 @@ from ..errors import check
 from .recorder import WindowStats
 
 INIT_RULES = ("copy", "random", "dense")
+DIRECTIONS = ("centered", "mean")
 
 
 @dataclass
@@ -23,6 +24,13 @@ class PolicyConfig:
     max_experts: int = 64
     max_add: int = 1  # experts added per event when tokens went unrouted
     init: str = "copy"  # new expert weights: copy of the most-loaded expert, random, or a given dense FFN
+    # The new expert's gate row: "mean", the direction of the unrouted tokens' mean (the reference), or "centered",
+    # that mean less the routed tokens' mean. Token embeddings share a common component, so the plain mean points
+    # where almost every token is and the new expert takes them all; centred, it points where the unrouted differ.
+    direction: str = "centered"
+    # Add only when more than this share of the window's tokens went unrouted. The reference adds for a single one;
+    # a gate that routes nearly every token then grows to max_experts for noise, and every addition raises k.
+    add_min_share: float = 0.01
 
     def __post_init__(self) -> None:
         check(self.min_experts >= 1, "min_experts", self.min_experts, "an integer >= 1")
@@ -31,12 +39,14 @@ class PolicyConfig:
         )
         check(self.max_add >= 0, "max_add", self.max_add, "an integer >= 0")
         check(self.init in INIT_RULES, "init", self.init, " | ".join(INIT_RULES))
+        check(self.direction in DIRECTIONS, "direction", self.direction, " | ".join(DIRECTIONS))
+        check(0 <= self.add_min_share < 1, "add_min_share", self.add_min_share, "a share in [0, 1) (0: the reference)")
 
 
 @dataclass
 class NewExpert:
     expert_id: int
-    gate_row: torch.Tensor  # [d], the normalised unrouted sum; the threshold starts at 0
+    gate_row: torch.Tensor  # [d], unit vector toward the unrouted tokens (PolicyConfig.direction)
     init: str
     source_id: int | None = None  # the expert copied by init="copy"
 
@@ -59,10 +69,11 @@ class Decision:
 
 
 def dynmoe_policy(window: WindowStats, next_expert_id: int, cfg: PolicyConfig) -> Decision:
-    """Remove experts that got no token (never below min_experts); add up to max_add when tokens went unrouted.
+    """Remove experts that got no token (never below min_experts); add up to max_add when more than
+    ``add_min_share`` of the tokens went unrouted.
 
-    Removal keeps the lowest ids when the minimum binds. New experts take the normalised unrouted sum as gate row;
-    with init="copy" they copy the most-loaded surviving expert (lowest id on ties).
+    Removal keeps the lowest ids when the minimum binds. New experts take a unit vector toward the unrouted tokens as
+    gate row (``new_direction``); with init="copy" they copy the most-loaded surviving expert (lowest id on ties).
     """
     tokens = window.tokens_by_id()
     idle = sorted(i for i, t in tokens.items() if t == 0)
@@ -71,14 +82,28 @@ def dynmoe_policy(window: WindowStats, next_expert_id: int, cfg: PolicyConfig) -
     survivors = [i for i in window.expert_ids if i not in set(remove)]
     decision = Decision(remove=remove)
     room = cfg.max_experts - len(survivors)
-    n_add = min(cfg.max_add, room) if window.unrouted_count > 0 else 0
-    norm = window.unrouted_sum.norm()
-    if n_add > 0 and norm > 0:
-        row = window.unrouted_sum / norm
+    n_add = min(cfg.max_add, room) if window.unrouted_count > cfg.add_min_share * window.token_count else 0
+    row = new_direction(window, cfg.direction)
+    if n_add > 0 and row is not None:
         source = max(survivors, key=lambda i: (tokens[i], -i)) if cfg.init == "copy" and survivors else None
         for j in range(n_add):
             decision.add.append(NewExpert(next_expert_id + j, row.clone(), cfg.init, source))
     return decision
+
+
+def new_direction(window: WindowStats, direction: str) -> torch.Tensor | None:
+    """Unit vector toward the window's unrouted tokens (None without any): their mean, or ("centered") their mean less
+    the mean of the tokens that were routed."""
+    if window.unrouted_count <= 0:
+        return None
+    vector = window.unrouted_sum / window.unrouted_count
+    others = window.token_count - window.unrouted_count
+    if direction == "centered" and window.token_sum is not None and others > 0:
+        centred = vector - (window.token_sum - window.unrouted_sum) / others
+        if centred.norm() > 1e-6 * vector.norm():
+            vector = centred
+    norm = vector.norm()
+    return vector / norm if norm > 0 else None
 
 
 Policy = Callable[[WindowStats, int, PolicyConfig], Decision]

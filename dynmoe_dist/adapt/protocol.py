@@ -249,15 +249,13 @@ class ExpertMigration:
             [p for p, i in enumerate(old_ids) if i not in removed], dtype=torch.int64, device=self.device
         )
         n_new = len(decision.add)
-        # gate rows: replicated, so every rank edits its own copy the same way
+        # gate rows: replicated, so every rank edits its own copy the same way; the gate says how new rows start
+        fresh_rows = layer.router.new_rows(torch.stack([n.gate_row for n in decision.add]), keep) if n_new else {}
         for name, p in layer.router.row_parameters().items():
             state = self.opt.rows_of(p, keep)
             rows = p.detach().index_select(0, keep)
             if n_new:
-                fresh = torch.zeros((n_new, *p.shape[1:]), dtype=p.dtype, device=p.device)
-                if name == "weight":
-                    fresh = torch.stack([n.gate_row.to(p.dtype) for n in decision.add])
-                rows = torch.cat([rows, fresh])
+                rows = torch.cat([rows, fresh_rows[name].to(p.device, p.dtype)])
                 state = {k: torch.cat([v, v.new_zeros((n_new, *v.shape[1:]))]) for k, v in state.items()}
             staged.router_rows[name] = (rows, state)
         # expert bank: the experts this rank owns in the new placement, in slot order

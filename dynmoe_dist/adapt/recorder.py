@@ -24,6 +24,8 @@ class WindowStats:
     tokens: torch.Tensor  # [E] float64, assignments per expert (position order)
     unrouted_count: float
     unrouted_sum: torch.Tensor  # [d] float64
+    token_count: float = 0.0  # every token the window saw (gates that can leave tokens unrouted)
+    token_sum: torch.Tensor | None = None  # [d] float64, their embeddings' sum
 
     def tokens_by_id(self) -> dict[int, float]:
         return dict(zip(self.expert_ids, self.tokens.tolist()))
@@ -43,6 +45,7 @@ class RoutingRecorder:
     def reset(self, num_experts: int) -> None:
         self.tokens = torch.zeros(num_experts, dtype=torch.float64)
         self.unrouted = torch.zeros(self.d_model + 1, dtype=torch.float64)  # [sum..., count]
+        self.seen = torch.zeros(self.d_model + 1, dtype=torch.float64)  # every token: [sum..., count]
 
     def observe(self, stats: RoutingStats) -> None:
         """Called by the layer on each training forward; counts only inside an active window."""
@@ -51,14 +54,25 @@ class RoutingRecorder:
         self.tokens += stats.tokens_per_expert.detach().to("cpu", torch.float64)
         self.unrouted[:-1] += stats.unrouted_sum.detach().to("cpu", torch.float64)
         self.unrouted[-1] += float(stats.unrouted_count)
+        if stats.token_sum is not None:
+            self.seen[:-1] += stats.token_sum.detach().to("cpu", torch.float64)
+            self.seen[-1] += float(stats.k_per_token.numel())
 
     def state_dict(self) -> dict:
         """This rank's open window (by router position, matching the layer's ``expert_ids``): part of a checkpoint."""
-        return {"tokens": self.tokens.clone(), "unrouted": self.unrouted.clone(), "active": self.active}
+        return {
+            "tokens": self.tokens.clone(),
+            "unrouted": self.unrouted.clone(),
+            "seen": self.seen.clone(),
+            "active": self.active,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.tokens = state["tokens"].to(torch.float64).clone()
         self.unrouted = state["unrouted"].to(torch.float64).clone()
+        # checkpoints written before the window kept every token's sum: the window goes on without it
+        seen = state.get("seen")
+        self.seen = seen.to(torch.float64).clone() if seen is not None else torch.zeros(self.d_model + 1)
         self.active = bool(state["active"])
 
     def reduce(self, expert_ids: list[int], world_group, device: torch.device | str = "cpu") -> WindowStats:
@@ -66,8 +80,9 @@ class RoutingRecorder:
 
         ``device``: where the all-reduce runs (the layer's device: NCCL needs CUDA tensors); the result is on the CPU.
         """
-        flat = torch.cat([self.tokens, self.unrouted])
+        flat = torch.cat([self.tokens, self.unrouted, self.seen])
         if world_group is not None:
             flat = all_reduce(flat.to(device), world_group, "adapt.recorder.reduce").cpu()
-        e = self.tokens.numel()
-        return WindowStats(list(expert_ids), flat[:e], float(flat[-1]), flat[e:-1])
+        e, d = self.tokens.numel(), self.d_model
+        unrouted, seen = flat[e : e + d + 1], flat[e + d + 1 :]
+        return WindowStats(list(expert_ids), flat[:e], float(unrouted[-1]), unrouted[:-1], float(seen[-1]), seen[:-1])

@@ -24,6 +24,9 @@ class Assignments:
     expert: torch.Tensor
     weight: torch.Tensor
     losses: dict[str, torch.Tensor]
+    # [S] bool: tokens the rule itself accepted for no expert, when it still sends them somewhere (Top-Any's
+    # fallback); None: the tokens without an assignment
+    unrouted: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -50,6 +53,16 @@ class Router(nn.Module):
         """Parameters whose leading dimension is the expert position."""
         raise NotImplementedError
 
+    def new_rows(self, directions: torch.Tensor, survivors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Row-parameter values for experts being added, one per row of ``directions`` ([n, d], unit vectors toward
+        the tokens they are for), beside the experts at positions ``survivors``: the gate embedding takes the
+        direction, every other row parameter starts at 0."""
+        out = {}
+        for name, p in self.row_parameters().items():
+            rows = directions if name == "weight" else p.new_zeros((directions.shape[0], *p.shape[1:]))
+            out[name] = rows.to(p.dtype)
+        return out
+
     def on_optimizer_step(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Hook for rules with per-step state (ReLU routing's L1 coefficient); ``reduce`` sums over ranks."""
 
@@ -60,12 +73,15 @@ class Router(nn.Module):
         num_tokens = x.shape[0]
         k = torch.bincount(a.token, minlength=num_tokens)
         with torch.no_grad():
-            unrouted = (k == 0) if (self.training and self.records_unrouted) else None
+            unrouted = None
+            if self.training and self.records_unrouted:
+                unrouted = a.unrouted if a.unrouted is not None else k == 0
             stats = RoutingStats(
                 tokens_per_expert=torch.bincount(a.expert, minlength=self.num_experts),
                 k_per_token=k,
                 unrouted_count=unrouted.sum() if unrouted is not None else k.new_zeros(()),
                 unrouted_sum=(x.detach()[unrouted].sum(0) if unrouted is not None else x.new_zeros(self.d_model)),
+                token_sum=x.detach().sum(0) if unrouted is not None else None,
             )
         return RoutingPlan(
             token=a.token,

@@ -23,11 +23,36 @@ class TopAnyConfig:
     simple_weight: float = 1.0
     balance_weight: float = 1.0
     efficiency_weight: float = 1.0
+    # Where dynmoe_dist departs from the reference code, each a measured fix for the collapse of k to 0 in training
+    # (docs/ALGORITHMS.md, "Top-Any without collapse"); unrouted="drop", efficiency_free=0, route_weight=0,
+    # new_threshold="zero" is the reference (the `moe=top_any_reference` preset).
+    # A token no expert accepted, in training: "top1" goes to its most similar expert with weight 1, as in
+    # evaluation, and that pair's gradient reaches its threshold; "drop" (the reference) leaves its MoE output at 0.
+    unrouted: str = "top1"
+    # Activations per token the efficiency loss leaves alone: 1 lowers k toward 1 but never pushes a token off its
+    # last expert; 0 (the reference) makes every activation cost.
+    efficiency_free: int = 1
+    # A hinge that lifts a token no expert accepted toward its most similar expert's threshold; 0 (the reference)
+    # leaves such a token without a gradient toward any expert.
+    route_weight: float = 10.0
+    # A new expert's threshold (adaptation): "median" of the layer's thresholds, or "zero" (the reference).
+    new_threshold: str = "median"
 
     def __post_init__(self) -> None:
-        for name in ("aux_weight", "diverse_weight", "simple_weight", "balance_weight", "efficiency_weight"):
+        weights = (
+            "aux_weight",
+            "diverse_weight",
+            "simple_weight",
+            "balance_weight",
+            "efficiency_weight",
+            "route_weight",
+        )
+        for name in weights:
             value = getattr(self, name)
             check(value >= 0, name, value, "a weight >= 0 (0 switches the term off)")
+        check(self.efficiency_free in (0, 1), "efficiency_free", self.efficiency_free, "0 (reference) or 1")
+        check(self.new_threshold in ("median", "zero"), "new_threshold", self.new_threshold, "'median' or 'zero'")
+        check(self.unrouted in ("drop", "top1"), "unrouted", self.unrouted, "'drop' (reference) or 'top1'")
 
 
 @dataclass

@@ -37,6 +37,20 @@ def normalise_per_sequence(imp: torch.Tensor) -> torch.Tensor:
 IMPORTANCE_FUNCTIONS: dict[str, ImportanceFn] = {"attention_received": attention_received}
 
 
+def check_importance(importance: torch.Tensor) -> None:
+    """A NaN, an infinity or a negative value would silently become some k (ceil of NaN is NaN, cast to an integer
+    anything): refuse them, naming the argument."""
+    allowed = "attention probabilities or per-token importance: a floating-point tensor of finite values >= 0"
+    if not importance.is_floating_point():
+        raise ConfigError("importance dtype", importance.dtype, allowed)
+    bad = ~torch.isfinite(importance) | (importance < 0)
+    if bool(bad.any()):
+        values = importance.detach()[bad]
+        nan, inf = int(values.isnan().sum()), int(values.isinf().sum())
+        what = f"{nan} NaN, {inf} infinite, {values.numel() - nan - inf} negative value(s)"
+        raise ConfigError("importance", what, allowed)
+
+
 def k_from_importance(imp: torch.Tensor, k_max: int) -> torch.Tensor:
     return torch.ceil(imp * k_max).clamp(1, k_max).to(torch.int64)
 
@@ -70,6 +84,7 @@ class ImportanceKRouter(Router):
         if importance is None:
             fallback = self.cfg.fallback_k or k_max
             return torch.full((num_tokens,), fallback, dtype=torch.int64, device=device)
+        check_importance(importance)
         if importance.dim() == 4:
             if importance.shape[-1] != importance.shape[-2]:
                 raise ShapeError(

@@ -20,6 +20,7 @@ class RoutingStats:
     unrouted_count: torch.Tensor  # [] int64, tokens with k = 0 in training
     unrouted_sum: torch.Tensor  # [d] float, sum of their embeddings
     dropped: int = 0  # assignments removed by a capacity limit
+    token_sum: torch.Tensor | None = None  # [d] float, sum of every token's embedding (training, gates with unrouted)
 
     @property
     def avg_k(self) -> float:

@@ -48,32 +48,52 @@ class TopAnyRouter(Router):
     def row_parameters(self) -> dict[str, nn.Parameter]:
         return {"weight": self.weight, "threshold": self.threshold}
 
+    def new_rows(self, directions: torch.Tensor, survivors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A new expert's threshold: 0 in the reference (it then accepts every token on its side of the hyperplane,
+        about half of them); ``new_threshold="median"`` makes it as selective as the median surviving expert, so an
+        addition serves the unrouted tokens it was made for instead of raising k everywhere."""
+        rows = super().new_rows(directions, survivors)
+        if self.cfg.new_threshold == "median" and survivors.numel():
+            median = self.threshold.detach().index_select(0, survivors).median()
+            rows["threshold"] = median.expand(directions.shape[0]).clone()
+        return rows
+
     def scale(self) -> torch.Tensor | float:
         return 1.0 if self.tau is None else torch.exp(self.tau.clamp(max=MAX_LOG_SCALE))
 
-    def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, s): the 0/1 straight-through activations and the similarity scores, both [S, E]."""
+    def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a, s, margin): the 0/1 straight-through activations, the similarity scores and s - t, all [S, E]."""
         scale = self.scale()
         cos = F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).t()
         s = torch.sigmoid(cos * scale)
         t = torch.sigmoid(self.threshold * scale)
-        return StepSTE.apply(F.relu(s - t)), s
+        margin = s - t
+        return StepSTE.apply(F.relu(margin)), s, margin
 
     def route(self, x: torch.Tensor, importance: torch.Tensor | None) -> Assignments:
-        a, s = self.activations(x)
+        c = self.cfg
+        a, s, margin = self.activations(x)
         k = a.sum(-1, keepdim=True)
         weights = a / k.clamp(min=1.0)
         mask = a > 0
-        if not self.training:
-            # evaluation: a token no expert accepted goes to its most similar expert with weight 1
-            empty = ~mask.any(-1)
-            if bool(empty.any()):
-                best = s.argmax(-1)
-                fallback = F.one_hot(best, self.num_experts).bool() & empty[:, None]
-                mask = mask | fallback
-                weights = torch.where(fallback, torch.ones_like(weights), weights)
+        empty = ~mask.any(-1)
+        if not self.training or c.unrouted == "top1":
+            # a token no expert accepted goes to its most similar expert with weight 1 (evaluation in the reference;
+            # in training with unrouted="top1", where the weight's gradient goes to that pair's margin s - t, so the
+            # task loss can lower the threshold of an expert the token needs)
+            best = F.one_hot(s.argmax(-1), self.num_experts).bool() & empty[:, None]
+            one = torch.ones_like(weights)
+            if self.training:
+                one = one + (margin - margin.detach())  # value 1, gradient of the margin
+            mask = mask | best
+            weights = torch.where(best, one, weights)
         token, expert, w = flatten_mask(mask, weights)
-        return Assignments(token, expert, w, self.aux_losses(a, k))
+        unrouted = empty if self.training else None
+        losses = self.aux_losses(a, k)
+        if c.route_weight and c.aux_weight and self.training:
+            best = margin.gather(1, s.argmax(-1, keepdim=True)).squeeze(1)
+            losses["route"] = c.aux_weight * c.route_weight * (F.relu(-best) * empty).mean()
+        return Assignments(token, expert, w, losses, unrouted=unrouted)
 
     def aux_losses(self, a: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.cfg
@@ -87,15 +107,16 @@ class TopAnyRouter(Router):
         if c.simple_weight:
             losses["simple"] = c.aux_weight * c.simple_weight * self.weight.norm(dim=-1).mean()
         if c.balance_weight:
+            # Switch-style E * sum_e P_e f_e over the routed tokens: P_e the mean 1/k share (its gradient moves tokens
+            # from busy to idle experts), f_e the share of tokens that took e, a count without gradient as in the
+            # reference code; a differentiable f_e pushes every activation down and makes k = 0 absorbing
             routed = k.squeeze(-1) > 0
-            if bool(routed.any()):
-                ar = a[routed]
-                p = ar / k[routed]
-                bal = self.num_experts * (p.mean(0) * ar.mean(0)).sum()
-            else:
-                bal = a.sum() * 0.0
+            ar = a[routed]
+            p = ar / k[routed]
+            bal = self.num_experts * (p.mean(0) * ar.detach().mean(0)).sum() if ar.shape[0] else a.sum() * 0.0
             losses["balance"] = c.aux_weight * c.balance_weight * bal
         if c.efficiency_weight:
-            eff = a.mean() if a.numel() else a.sum() * 0.0
+            costly = a if c.efficiency_free == 0 else a * (k.detach() > c.efficiency_free)
+            eff = costly.mean() if a.numel() else a.sum() * 0.0
             losses["efficiency"] = c.aux_weight * c.efficiency_weight * eff
         return losses

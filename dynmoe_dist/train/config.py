@@ -108,6 +108,8 @@ class AdaptSettings:
     max_experts: int = 64
     max_add: int = 1
     init: str = "copy"  # copy | random (init=dense needs FFN weights: library API only)
+    direction: str = "centered"  # a new expert's gate row: centered (unrouted mean less the routed mean) | mean
+    add_min_share: float = 0.01  # add only when more than this share of the window's tokens went unrouted (0: any)
     rebalance_threshold: Optional[float] = 1.25  # max/mean rank load that triggers a rebalance; None: never
     max_experts_per_rank: Optional[int] = None
     tolerance: float = 0.05
@@ -261,7 +263,14 @@ def router_spec(moe: Any) -> dict[str, Any]:
 
 
 def adapt_config(a: AdaptSettings) -> AdaptConfig:
-    policy = PolicyConfig(min_experts=a.min_experts, max_experts=a.max_experts, max_add=a.max_add, init=a.init)
+    policy = PolicyConfig(
+        min_experts=a.min_experts,
+        max_experts=a.max_experts,
+        max_add=a.max_add,
+        init=a.init,
+        direction=a.direction,
+        add_min_share=a.add_min_share,
+    )
     return AdaptConfig(
         record_steps=a.record_steps,
         idle_steps=a.idle_steps,

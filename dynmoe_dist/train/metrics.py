@@ -124,6 +124,7 @@ class MetricsWindow:
                 "load": {str(i): int(v) for i, v in zip(ids, load)},
                 "load_imbalance": max(live) / mean if mean > 0 else 1.0,
                 "unrouted": int(unrouted),
+                "unrouted_share": unrouted / max(count, 1.0),
                 "dropped": int(dropped),
             }
         return out
@@ -164,6 +165,7 @@ def wandb_row(record: dict) -> dict[str, float]:
         ):
             row[f"{kind}/{key}"] = value
     for layer, stats in record.get("moe", {}).items():
-        for key in ("experts", "avg_k", "load_imbalance", "unrouted", "dropped"):
-            row[f"moe/{layer}/{key}"] = stats[key]
+        for key in ("experts", "avg_k", "load_imbalance", "unrouted", "unrouted_share", "unrouted_streak", "dropped"):
+            if key in stats:
+                row[f"moe/{layer}/{key}"] = stats[key]
     return row

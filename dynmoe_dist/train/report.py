@@ -4,6 +4,7 @@
     plots/experts.png       experts per MoE layer over steps, adaptation events marked; average k below
     plots/k_distribution.png   per layer: share of tokens by k, first and last quarter of the run
     plots/load.png          per layer: each expert id's share of the assignments over time (blank: expert absent)
+    plots/unrouted.png      per layer: the share of tokens the gate sent to no expert, with the collapse line
     plots/throughput.png    tokens per second (and peak memory per rank)
     summary.md              the numbers that matter, and the plots
 
@@ -20,6 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .unrouted import ADVICE, COLLAPSE_SHARE
+
 EVENT_STYLE = {"add": ("^", "tab:green"), "remove": ("v", "tab:red"), "rebalance": ("D", "tab:blue")}
 
 
@@ -29,6 +32,7 @@ class Run:
     train: list[dict] = field(default_factory=list)
     val: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    collapses: list[dict] = field(default_factory=list)  # layers that routed too few tokens for too long
 
     @property
     def layers(self) -> list[str]:
@@ -54,7 +58,9 @@ def load_run(folder: Path) -> Run:
         raise SystemExit(f"dynmoe-report: {folder} holds no metrics.jsonl; give the folder of a run (runs/<name>)")
     records = read_jsonl(metrics)
     run = Run(folder, [r for r in records if r.get("kind") == "train"], [r for r in records if r.get("kind") == "val"])
-    run.events = [e for e in read_jsonl(folder / "events.jsonl") if e.get("committed")]
+    events = read_jsonl(folder / "events.jsonl")
+    run.events = [e for e in events if e.get("committed")]
+    run.collapses = [e for e in events if e.get("kind") == "unrouted"]
     if not run.train:
         raise SystemExit(f"dynmoe-report: {metrics} has no training record yet (one is written every logging.every)")
     return run
@@ -178,6 +184,28 @@ def plot_load(run: Run, path: Path) -> None:
     _save(fig, path)
 
 
+def unrouted_share(record: dict, layer: str) -> float:
+    stats = record["moe"][layer]
+    if "unrouted_share" in stats:
+        return stats["unrouted_share"]
+    return stats["unrouted"] / max(sum(stats["k_hist"]), 1)
+
+
+def plot_unrouted(run: Run, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in run.train]
+    for layer in run.layers:
+        ax.plot(steps, [unrouted_share(r, layer) for r in run.train], label=layer)
+    for c in run.collapses:
+        ax.axvspan(c["start"], c["step"], color="tab:red", alpha=0.12)
+    ax.axhline(COLLAPSE_SHARE, color="tab:red", linestyle="--", linewidth=0.8, label="collapse line")
+    ax.set(xlabel="step", ylabel="share of tokens", ylim=(0, 1), title="Tokens the gate sent to no expert")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def plot_throughput(run: Run, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -196,6 +224,7 @@ PLOTS = {
     "experts.png": plot_experts,
     "k_distribution.png": plot_k,
     "load.png": plot_load,
+    "unrouted.png": plot_unrouted,
     "throughput.png": plot_throughput,
 }
 
@@ -222,14 +251,21 @@ def summary(run: Run) -> str:
     if run.events:
         rows.append(("event cost (mean)", f"{statistics.mean(e['seconds'] for e in run.events) * 1e3:.1f} ms, "
                      f"{statistics.mean(e['bytes_moved'] for e in run.events) / 1e6:.2f} MB"))  # fmt: skip
-    out = [f"# Run {run.folder.name}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    out = [f"# Run {run.folder.name}", ""]
+    for c in run.collapses:
+        out.append(
+            f"**Warning: {c['layer']} collapsed**: it routed fewer than 90% of its tokens to any expert for "
+            f"{c['steps']} steps ({c['start']} to {c['step']}, up to {c['peak_share']:.0%} unrouted). "
+            f"To change: {ADVICE}.\n"
+        )
+    out += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     out += ["", "| MoE layer | experts at start -> end | average k (last) | load imbalance (last) | unrouted (last) |"]
     out += ["|---|---|---|---|---|"]
     for layer in run.layers:
         start, end = run.train[0]["moe"][layer], last["moe"][layer]
         out.append(
             f"| {layer} | {start['experts']} -> {end['experts']} | {end['avg_k']:.2f} | "
-            f"{end['load_imbalance']:.2f} | {end['unrouted']} |"
+            f"{end['load_imbalance']:.2f} | {unrouted_share(last, layer):.1%} |"
         )
     out += [""] + [f"![{name}](plots/{name})" for name in PLOTS]
     return "\n".join(out) + "\n"

@@ -31,6 +31,7 @@ from .metrics import MetricsWindow, peak_memory_mb
 from .model import Transformer
 from .progress import Progress
 from .schedule import learning_rate
+from .unrouted import UnroutedWatch
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -58,6 +59,8 @@ class StepResult:
     loss: float
     grad_norm: float
     events: list[AdaptEvent] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # a layer collapsing (UnroutedWatch)
+    collapses: list[dict] = field(default_factory=list)  # a collapse that ended, for events.jsonl
 
 
 class Trainer:
@@ -94,6 +97,7 @@ class Trainer:
         self.state = TrainState()
         k_bins = max(cfg.moe.num_experts, cfg.adapt.max_experts if cfg.adapt.enabled else 0) + 1
         self.window = MetricsWindow(self.model.moe_layers(), k_bins, device)
+        self.watch = UnroutedWatch([m.name for m in self.model.moe_layers()], device)
         torch.manual_seed(cfg.seed + 1 + self.rank)  # dropout: its own stream per rank
         self.step_seconds: list[float] = []
 
@@ -140,10 +144,12 @@ class Trainer:
         moe_lr = learning_rate(step, o, self.cfg.steps, base=o.moe_lr or o.lr)
         norm = self.engine.step(lr, moe_lr, step)
         self.window.observe(info.task_loss, info.aux_loss, norm, info.tokens, info.moe)  # before any event
+        self.watch.observe(info.moe)
         self.state.step = step
         self.state.tokens += info.tokens * self.world
+        warnings, collapses = self.watch.step(step, self.groups.world_group)
         events = self.adapt.step() if self.adapt is not None else []
-        return StepResult(float(info.task_loss), norm, events)
+        return StepResult(float(info.task_loss), norm, events, warnings, collapses)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -186,10 +192,13 @@ class Trainer:
             step = self.state.step
             for event in result.events:
                 self.record_event(event, progress)
+            self.record_unrouted(result.warnings, result.collapses, progress)
             experts = "/".join(str(layer.num_experts) for layer in self.model.moe_layers())
             tokens_per_s = cfg.data.batch_size * cfg.data.seq_len * self.world * len(self.step_seconds)
             tokens_per_s /= sum(self.step_seconds)
-            progress.update(1, {"loss": f"{result.loss:.3f}", "tok/s": f"{tokens_per_s:.0f}", "experts": experts})
+            unrouted = "/".join(f"{share:.2f}" for share in self.watch.last)
+            postfix = {"loss": f"{result.loss:.3f}", "tok/s": f"{tokens_per_s:.0f}", "experts": experts}
+            progress.update(1, {**postfix, "unrouted": unrouted} if unrouted else postfix)
             if step % cfg.logging.every == 0 or step == cfg.steps:
                 self.log_train(progress)
             if step % cfg.logging.val_every == 0 or step == cfg.steps:
@@ -198,6 +207,7 @@ class Trainer:
                 self.checkpoint(progress)
         if self.checkpoint_root is not None and cfg.checkpoint.every and self.last_checkpoint != self.state.step:
             self.checkpoint(progress)  # the end of the run, so it can be extended with more steps
+        self.record_unrouted([], self.watch.close(self.state.step), progress)
         progress.close()
 
     def checkpoint(self, progress: Progress) -> Path:
@@ -238,15 +248,20 @@ class Trainer:
             "peak_mem_mb": peak_memory_mb(self.device),
             "moe": numbers["moe"],
         }
+        for stats, longest in zip(record["moe"].values(), self.watch.longest):
+            stats["unrouted_streak"] = longest  # the longest run of steps above the collapse share so far
         self.window.reset()
         if self.sink is not None:
             self.sink.metrics(record)
         if progress.mode == "lines":
-            experts = " ".join(str(m["experts"]) for m in record["moe"].values())
-            avg_k = " ".join(f"{m['avg_k']:.2f}" for m in record["moe"].values())
+            layers = record["moe"].values()
+            experts = " ".join(str(m["experts"]) for m in layers)
+            avg_k = " ".join(f"{m['avg_k']:.2f}" for m in layers)
+            unrouted = " ".join(f"{m['unrouted_share']:.2f}" for m in layers)
             progress.line(
                 f"step {step}/{self.cfg.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"grad {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}  experts {experts}  k {avg_k}"
+                f"grad {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}  experts {experts}  k {avg_k}  "
+                f"unrouted {unrouted}"
             )
 
     def validate(self, progress: Progress) -> dict[str, float]:
@@ -257,6 +272,16 @@ class Trainer:
         bpb = f"  ({result['bpb']:.3f} bits/byte)" if "bpb" in result else ""
         progress.line(f"step {self.state.step}: validation loss {result['loss']:.4f}{bpb}")
         return result
+
+    def record_unrouted(self, warnings: list[str], collapses: list[dict], progress: Progress) -> None:
+        """A collapsing layer is said in the log (and in the run's summary through events.jsonl), never silently."""
+        if not self.is_main:
+            return
+        for text in warnings:
+            progress.line(f"step {self.state.step}: WARNING {text}")
+        for record in collapses:
+            if self.sink is not None:
+                self.sink.event(record)
 
     def record_event(self, event: AdaptEvent, progress: Progress) -> None:
         layer = next(m for m in self.model.moe_layers() if m.name == event.layer)
