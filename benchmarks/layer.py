@@ -1,7 +1,7 @@
 """Single-process layer cost against two floors, forward+backward on the same rows:
 
 * the experts' floor: the same expert matmuls alone (``layer / experts``: everything above 1.0 is routing,
-  permutation and combine; DESIGN.md section 8);
+  permutation and combine; docs/ARCHITECTURE.md);
 * the dense floor: one dense FFN of the same sizes over the same number of rows, one matmul chain on the experts'
   own kernels (``--gemm``; ``experts / dense``: what splitting the rows among many small experts costs; the GEMM
   floor fine-grained experts aim at);

@@ -1,4 +1,4 @@
-"""Single-process tests of adaptation (ALGORITHMS.md section 5): recorder, policy, MoEAdam, controller.
+"""Single-process tests of adaptation (docs/ALGORITHMS.md section 5): recorder, policy, MoEAdam, controller.
 
 Oracles are written out here: a plain Top-Any recount (s = sigmoid(cos(x, W_e)) > t = sigmoid(G_e)) for the recorder,
 hand-built windows for the policy, torch.optim.Adam for MoEAdam, and before/after snapshots by expert id for the

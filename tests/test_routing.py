@@ -1,4 +1,4 @@
-"""Every gate against a plain per-token reference (ALGORITHMS.md sections 1-2), plus gradient checks."""
+"""Every gate against a plain per-token reference (docs/ALGORITHMS.md sections 1-2), plus gradient checks."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Expert placement planner: which rank owns each expert after an add, remove or rebalance event.
 
-Step 4 of the control plane (DESIGN.md section 4). Every rank runs it on the same agreed statistics and must get the
+Step 4 of the control plane (docs/ARCHITECTURE.md, "One training step"). Every rank runs it on the same agreed statistics and must get the
 same table, so it is pure and deterministic: no randomness, never iterates a caller's mapping, breaks every tie by
 expert id and then rank, sums rank loads with ``math.fsum`` (order-free), and bounds search in nodes, not seconds.
 

@@ -1,4 +1,4 @@
-"""The DynMoE adaptation rule as a pure function (Guo et al., arXiv 2405.14297; ALGORITHMS.md section 5).
+"""The DynMoE adaptation rule as a pure function (Guo et al., arXiv 2405.14297; docs/ALGORITHMS.md section 5).
 
 Same window statistics, same expert set, same config -> the same decision on every rank; nothing here touches a
 tensor that is not an input. Other policies plug in with the same signature (``POLICIES``).

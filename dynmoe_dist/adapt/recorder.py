@@ -1,4 +1,4 @@
-"""Recorder: what the routers did over a window of optimizer steps, per MoE layer (ALGORITHMS.md section 5).
+"""Recorder: what the routers did over a window of optimizer steps, per MoE layer (docs/ALGORITHMS.md section 5).
 
 Tokens per expert and the sum and count of unrouted-token embeddings (k = 0), accumulated over every training
 forward of the window, then summed over the whole world so every rank decides on the same numbers. A forward that

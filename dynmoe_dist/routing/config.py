@@ -1,6 +1,6 @@
 """Router settings, one dataclass per gate, each validated on construction.
 
-Defaults follow ALGORITHMS.md sections 1-2. The ``kind`` field selects the gate, so a plain dict (a hydra config
+Defaults follow docs/ALGORITHMS.md sections 1-2. The ``kind`` field selects the gate, so a plain dict (a hydra config
 group, a JSON file) turns into the right dataclass through ``router_config``.
 """
 

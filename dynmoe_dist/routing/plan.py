@@ -1,7 +1,7 @@
 """RoutingPlan: the one object every gate returns and every later stage reads.
 
 Assignments are flat (token, expert, weight) triples, |A| = sum of k over tokens, so everything downstream is sized
-by the real number of assignments, never by experts x capacity (ALGORITHMS.md section 3).
+by the real number of assignments, never by experts x capacity (docs/ALGORITHMS.md section 3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Top-Any gate of DynMoE (Guo et al., arXiv 2405.14297), as ALGORITHMS.md section 1 states it.
+"""Top-Any gate of DynMoE (Guo et al., arXiv 2405.14297), as docs/ALGORITHMS.md section 1 states it.
 
 s_e(x) = sigmoid(cos(x, W_e) * scale), t_e = sigmoid(G_e * scale), a_e = STE(relu(s_e - t_e)) in {0, 1}; every
 activated expert gets weight 1/k(x). The straight-through estimator passes the gradient of a_e through unchanged to

@@ -99,7 +99,7 @@ class MoESettings:
 
 @dataclass
 class AdaptSettings:
-    """DynMoE's adaptation schedule and rule (ALGORITHMS.md section 5), counted in optimizer steps."""
+    """DynMoE's adaptation schedule and rule (docs/ALGORITHMS.md section 5), counted in optimizer steps."""
 
     enabled: bool = True
     record_steps: int = 300
@@ -154,7 +154,10 @@ class DataConfig:
     dtype: str = "uint16"  # bin: uint16 | uint32
     val_fraction: float = 0.02
     seq_len: int = 128
-    batch_size: int = 16  # sequences per rank and step
+    batch_size: int = 16  # sequences per rank and micro-batch
+    # sequences per optimizer step over the whole world: batch_size x ranks x micro-batches (gradient accumulation);
+    # None: batch_size x ranks (one micro-batch). Kept fixed, a run sees the same batches on any number of ranks.
+    global_batch: Optional[int] = None
     val_sequences: int = 64  # validation sequences (over the world), the same set whatever the world size
     seed: int = 1234
 
@@ -281,6 +284,42 @@ def adapt_config(a: AdaptSettings) -> AdaptConfig:
     )
 
 
+def micro_batches(data: Any, world_size: int) -> int:
+    """Micro-batches per optimizer step on ``world_size`` ranks (``check_config`` made sure they divide evenly)."""
+    if data.global_batch is None:
+        return 1
+    return data.global_batch // (data.batch_size * world_size)
+
+
+def global_batch_of(data: Any, world_size: int) -> int:
+    return data.global_batch if data.global_batch is not None else data.batch_size * world_size
+
+
+def _check_global_batch(d: Any, world_size: int) -> None:
+    """A global batch must be a whole number of micro-batches of ``batch_size`` on every rank; refuse with the nearest
+    values that work (another global batch, or another per-rank batch size for this one)."""
+    g, b = d.global_batch, d.batch_size
+    if g is None:
+        return
+    check(g > 0, "data.global_batch", g, "a number of sequences > 0, or null (data.batch_size x ranks)")
+    per_micro = b * world_size
+    if g % per_micro == 0:
+        return
+    lower, upper = (g // per_micro) * per_micro, (g // per_micro + 1) * per_micro
+    near = " or ".join(str(v) for v in (lower, upper) if v > 0)
+    sizes = ""
+    if g % world_size == 0:
+        fits = [s for s in range(1, g // world_size + 1) if (g // world_size) % s == 0]
+        best = sorted(fits, key=lambda s: (abs(s - b), -s))[:2]
+        sizes = f", or keep it with data.batch_size={' or '.join(str(s) for s in sorted(best))}"
+    raise ConfigError(
+        "data.global_batch",
+        g,
+        f"a multiple of data.batch_size x ranks = {b} x {world_size} = {per_micro} (one micro-batch on every rank): "
+        f"data.global_batch={near}{sizes}",
+    )
+
+
 def ep_size_for(cfg: Any, world_size: int) -> int:
     return world_size if cfg.parallel.ep_size is None else cfg.parallel.ep_size
 
@@ -363,6 +402,7 @@ def check_config(cfg: Any, world_size: int, launcher: str = "single") -> None:
     if moe.capacity_factor is not None:
         check(moe.capacity_factor > 0, "moe.capacity_factor", moe.capacity_factor, "null (dropless) or > 0")
 
+    _check_global_batch(d, world_size)
     _check_router(moe, a)
     _check_adapt(cfg, a, world_size)
     _check_engine(cfg)
