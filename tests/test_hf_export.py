@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 import transformers  # noqa: E402
 
 from dynmoe_dist.adapt import Decision, ExpertMigration, NewExpert  # noqa: E402
-from dynmoe_dist.hf import convert, export, moe_blocks, upcycle  # noqa: E402
+from dynmoe_dist.hf import convert, export, moe_blocks, shard, upcycle  # noqa: E402
 from dynmoe_dist.layer import MoELayer  # noqa: E402
 from dynmoe_dist.optim import MoEAdam  # noqa: E402
 from dynmoe_dist.placement import PlacementTable  # noqa: E402
@@ -113,7 +113,7 @@ def test_export_refuses_a_model_without_moe_blocks(tmp_path) -> None:
         export(hf_support.load(hf_support.save_tiny("llama", tmp_path / "src")), tmp_path / "out")
 
 
-def case_export_sharded(folder: str, out: str) -> float:
+def case_export_sharded(folder: str, out: str) -> tuple[float, list[list[int]]]:
     """Experts sharded over 2 ranks, one removed and one added on every rank together; every rank calls export,
     rank 0 writes, and the single-process model loaded back computes what the sharded one did on this rank's batch."""
     groups = dist_pool.groups(2)
@@ -133,11 +133,23 @@ def case_export_sharded(folder: str, out: str) -> float:
     export(model, out)
     back = load_exported(Path(out))
     with torch.no_grad():
-        return float((back(ids).logits - want).abs().max())
+        single = float((back(ids).logits - want).abs().max())
+    # our format: a Top-Any model exported from 2 ranks, loaded back and sharded again with ``shard``
+    dynamic = convert(hf_support.load(Path(folder)), router="top_any", groups=groups).eval()
+    with torch.no_grad():
+        dynamic(hf_support.tokens(30 + dist.get_rank()))  # calibrates (thresholds averaged over the ranks)
+        want = dynamic(ids).logits
+    export(dynamic, out + "_top_any")
+    back = shard(load_exported(Path(out + "_top_any")), groups)
+    local = [b.moe.experts.expert_ids.tolist() for _, b in moe_blocks(back)]
+    with torch.no_grad():
+        resharded = float((back(ids).logits - want).abs().max())
+    return max(single, resharded), local
 
 
 def test_export_gathers_sharded_experts(tmp_path) -> None:
     folder = hf_support.save_tiny("mixtral", tmp_path / "src")
-    for diff in dist_pool.pool(2).run(case_export_sharded, str(folder), str(tmp_path / "out")):
-        assert diff < ATOL
+    results = dist_pool.pool(2).run(case_export_sharded, str(folder), str(tmp_path / "out"))
+    assert all(diff < ATOL for diff, _ in results), results
+    assert [local for _, local in results] == [[[0, 1], [0, 1]], [[2, 3], [2, 3]]]  # resharded by id
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == 4

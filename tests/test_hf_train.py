@@ -32,8 +32,9 @@ ROUTER = {"kind": "top_any", "balance_weight": 0.0, "unrouted": "drop", "new_thr
 
 
 def build(kind: str, folder: Path, groups=None):
-    model = hf_support.load(folder).double().train()
+    model = hf_support.load(folder).train()
     model = convert(model, ROUTER, groups) if kind == "convert" else upcycle(model, 4, ROUTER, groups=groups)
+    model.double()  # the gate too (blocks route in fp32 by default)
     with torch.no_grad():  # many tokens find no expert (adds), the last expert never fires (removed)
         for _, block in moe_blocks(model):
             router = block.moe.router

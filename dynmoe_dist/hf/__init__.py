@@ -16,7 +16,7 @@ from ..extras import require_extra
 
 require_extra("hf", "dynmoe_dist.hf")
 
-from .block import BlockSpec, MoEBlock, moe_aux_loss, moe_blocks  # noqa: E402
+from .block import BlockSpec, MoEBlock, moe_aux_loss, moe_blocks, shard  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
 from .convert import convert  # noqa: E402
 from .export import export  # noqa: E402
@@ -36,5 +36,6 @@ __all__ = [
     "export",
     "moe_aux_loss",
     "moe_blocks",
+    "shard",
     "upcycle",
 ]

@@ -8,7 +8,7 @@ router logits this block does not produce.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from ..layer import MoEAux, MoELayer
 from ..parallel.groups import ParallelGroups
+from ..placement import PlacementTable
 from ..routing import Router, router_config
 
 
@@ -32,7 +33,6 @@ class BlockSpec:
     shared_d_ff: int | None = None
     shared_gate: bool = False
     origin: str = "convert"  # 'convert' (an MoE family's block) or 'upcycle' (a dense MLP copied into experts)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +79,35 @@ class MoEBlock(nn.Module):
         d = self.spec.to_dict()
         d["num_experts"] = self.moe.num_experts
         return BlockSpec.from_dict(d)
+
+
+@torch.no_grad()
+def shard(model: nn.Module, groups: ParallelGroups) -> nn.Module:
+    """Shard the experts of every single-process ``MoEBlock`` of ``model`` (one loaded with ``from_pretrained`` from
+    our format, say) over ``groups``' expert-parallel group, in place: each rank keeps its experts, by id."""
+    for name, block in moe_blocks(model):
+        if block.moe.groups is not None and block.moe.groups.ep_size > 1:
+            continue
+        layer = block.moe
+        spec = block.current_spec()
+        new = MoEBlock(spec, groups, seed=layer.seed, name=layer.name)
+        ids = layer.router.expert_ids.tolist()
+        new.moe.install(
+            PlacementTable.contiguous(ids, groups.ep_size, version=layer.placement.version), int(layer.next_expert_id)
+        )
+        for pname, p in layer.router.named_parameters():
+            new.moe.router.get_parameter(pname).copy_(p)
+        if layer.shared is not None:
+            new.moe.shared.load_state_dict(layer.shared.state_dict())
+        slot_of = {e: s for s, e in enumerate(layer.experts.expert_ids.tolist())}
+        mine = new.moe.experts.weights()
+        for slot, expert_id in enumerate(new.moe.experts.expert_ids.tolist()):
+            for wname, w in layer.experts.weights().items():
+                mine[wname][slot].copy_(w[slot_of[expert_id]])
+        new.to(device=layer.router.weight.device)
+        new.moe.experts.to(dtype=layer.experts.w_in.dtype)
+        model.get_submodule(name.rsplit(".", 1)[0]).register_module(name.rsplit(".", 1)[1], new)
+    return model
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, MoEBlock]]:

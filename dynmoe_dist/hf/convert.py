@@ -14,6 +14,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..parallel.groups import ParallelGroups
 from ..routing import RouterConfig, TopKRouter, router_config
 from .block import BlockSpec, MoEBlock
@@ -85,11 +86,13 @@ def convert(
             load_router_rows(reference, old)
             pending_reference(block, reference)
         block.to(device=gate_up.device, dtype=gate_up.dtype)
-        block.moe.router.to(dtype=gate_weight.dtype)
+        block.moe.router.float()  # the gate decides in fp32 whatever the model's dtype, as MoELayer routes
         layer.mlp = block
         converted += 1
     if not converted:
-        raise ValueError(f"{type(model).__name__} has no MoE block to convert (already converted?)")
+        raise ConfigError(
+            "model", type(model).__name__, "a model with MoE blocks not converted yet (no MoE block left)"
+        )
     # transformers' load-balancing loss reads router logits from its own router modules, which are gone; the blocks'
     # aux losses (moe_aux_loss) replace it
     config.output_router_logits = False
@@ -109,5 +112,5 @@ def load_router_rows(router: nn.Module, old: nn.Module) -> None:
 def load_router(block: MoEBlock, old: nn.Module) -> None:
     router = block.moe.router
     if router.weight.shape != old.gate.weight.shape:
-        raise ValueError(f"gate rows {tuple(router.weight.shape)} cannot take {tuple(old.gate.weight.shape)}")
+        raise ConfigError("router", router.cfg.kind, f"a gate with one row per expert ({tuple(old.gate.weight.shape)})")
     load_router_rows(router, old)

@@ -107,5 +107,6 @@ def upcycle(
             rows_of[expert_id] = expert_rows(base, g, noise, drop)
         load_bank(block.moe.experts, rows_of)
         block.to(device=weight.device, dtype=weight.dtype)
+        block.moe.router.float()  # the gate decides in fp32 whatever the model's dtype, as MoELayer routes
         layer.mlp = block
     return model
