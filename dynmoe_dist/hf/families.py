@@ -52,7 +52,7 @@ GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 
 def family_of(config, moe: bool) -> Family:
     """The family of a transformers config, refusing what ``convert`` (moe=True) or ``upcycle`` cannot take."""
-    model_type = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
+    model_type = getattr(config, "model_type", None)
     allowed = MOE_FAMILIES if moe else DENSE_FAMILIES
     if model_type not in allowed:
         what = "convert (MoE models)" if moe else "upcycle (dense models)"
@@ -95,6 +95,7 @@ def family_router(config, family: Family) -> TopKConfig:
             top_groups=int(getattr(config, "topk_group", 1) or 1),
             scaling=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
         )
+    # Mixtral's training-only jitter: ours multiplies the gate's input only, transformers' the experts' input too
     jitter = float(getattr(config, "router_jitter_noise", 0.0) or 0.0)
     if jitter:
         options["input_jitter"] = jitter
