@@ -168,18 +168,18 @@ def case_counts_travel_while_rows_are_gathered(overlap_min_rows: int) -> list[st
     layer = MoELayer(D, D_FF, 4, {"kind": "top_k", "k": 2}, groups=dist_pool.groups(dist.get_world_size()), seed=3)
     layer.dispatcher.overlap_min_rows = overlap_min_rows
     log: list[str] = []
-    gather = ep.gather_pieces
+    gather = ep.start_gather  # issues the gather of the rows (their pieces are cut once the counts are read)
 
     def logged_gather(*args, **kwargs):
         log.append("gather")
         return gather(*args, **kwargs)
 
-    ep.gather_pieces = logged_gather
+    ep.start_gather = logged_gather
     try:
         with dist_pool.logged_exchanges(log):
             layer(torch.randn(16, D, generator=torch.Generator().manual_seed(dist.get_rank())))
     finally:
-        ep.gather_pieces = gather
+        ep.start_gather = gather
     return log
 
 

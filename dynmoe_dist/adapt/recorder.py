@@ -4,6 +4,9 @@ Tokens per expert and the sum and count of unrouted-token embeddings (k = 0), ac
 forward of the window, then summed over the whole world so every rank decides on the same numbers. A forward that
 autograd replays during backward (activation recompute) is not counted again, and gradient accumulation just adds
 its micro-batches: the window sees each token once whatever the schedule.
+
+The sums live on the routers' device and are only added to there: ``observe`` never reads a value back (no host sync
+per layer call); the host sees them once per window, in ``reduce`` (and in a checkpoint's ``state_dict``).
 """
 
 from __future__ import annotations
@@ -47,23 +50,32 @@ class RoutingRecorder:
         self.unrouted = torch.zeros(self.d_model + 1, dtype=torch.float64)  # [sum..., count]
         self.seen = torch.zeros(self.d_model + 1, dtype=torch.float64)  # every token: [sum..., count]
 
+    def to(self, device: torch.device) -> None:
+        """Keep the sums on ``device`` (once per window at most; a move from the host does not wait for the device)."""
+        if self.tokens.device != device:
+            self.tokens, self.unrouted, self.seen = (
+                t.to(device, non_blocking=True) for t in (self.tokens, self.unrouted, self.seen)
+            )
+
     def observe(self, stats: RoutingStats) -> None:
-        """Called by the layer on each training forward; counts only inside an active window."""
+        """Called by the layer on each training forward; counts only inside an active window, on the device."""
         if not self.active or inside_backward():
             return
-        self.tokens += stats.tokens_per_expert.detach().to("cpu", torch.float64)
-        self.unrouted[:-1] += stats.unrouted_sum.detach().to("cpu", torch.float64)
-        self.unrouted[-1] += float(stats.unrouted_count)
+        self.to(stats.tokens_per_expert.device)
+        self.tokens += stats.tokens_per_expert.detach()
+        self.unrouted[:-1] += stats.unrouted_sum.detach()
+        self.unrouted[-1] += stats.unrouted_count.detach()
         if stats.token_sum is not None:
-            self.seen[:-1] += stats.token_sum.detach().to("cpu", torch.float64)
-            self.seen[-1] += float(stats.k_per_token.numel())
+            self.seen[:-1] += stats.token_sum.detach()
+            self.seen[-1] += stats.k_per_token.numel()
 
     def state_dict(self) -> dict:
-        """This rank's open window (by router position, matching the layer's ``expert_ids``): part of a checkpoint."""
+        """This rank's open window (by router position, matching the layer's ``expert_ids``): part of a checkpoint,
+        on the host."""
         return {
-            "tokens": self.tokens.clone(),
-            "unrouted": self.unrouted.clone(),
-            "seen": self.seen.clone(),
+            "tokens": self.tokens.cpu().clone(),
+            "unrouted": self.unrouted.cpu().clone(),
+            "seen": self.seen.cpu().clone(),
             "active": self.active,
         }
 
@@ -82,7 +94,8 @@ class RoutingRecorder:
         """
         flat = torch.cat([self.tokens, self.unrouted, self.seen])
         if world_group is not None:
-            flat = all_reduce(flat.to(device), world_group, "adapt.recorder.reduce").cpu()
+            flat = all_reduce(flat.to(device), world_group, "adapt.recorder.reduce")
+        flat = flat.cpu()
         e, d = self.tokens.numel(), self.d_model
         unrouted, seen = flat[e : e + d + 1], flat[e + d + 1 :]
         return WindowStats(list(expert_ids), flat[:e], float(unrouted[-1]), unrouted[:-1], float(seen[-1]), seen[:-1])

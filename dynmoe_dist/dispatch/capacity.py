@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..errors import check
-from ..routing.plan import RoutingPlan
+from ..routing.plan import RoutingPlan, count_per
 
 
 def check_capacity_factor(capacity_factor: float | None) -> None:
@@ -37,7 +37,7 @@ def capacity_keep_mask(plan: RoutingPlan, capacity: int) -> torch.Tensor:
     order = torch.argsort(plan.token, stable=True)
     order = order[torch.argsort(-plan.weight.detach()[order], stable=True)]
     order = order[torch.argsort(plan.expert[order], stable=True)]
-    counts = torch.bincount(plan.expert, minlength=plan.num_experts)
+    counts = count_per(plan.expert, plan.num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.arange(num, device=device) - starts[plan.expert[order]]
     keep = torch.zeros(num, dtype=torch.bool, device=device)

@@ -2,6 +2,8 @@
 
     start the all-to-all of per-(destination, slot) counts -> every rank will know what it receives
       meanwhile: sort the assignments (own experts first, then by (owner rank, slot)) and gather the rows
+    read the counts, sent and received, in one host read: the forward's one host sync (the backward has none: it
+      reuses the split sizes); everything before it stays on the device
       (with shadow experts, ``shadow_route``: an all-gather of every rank's counts instead; once they are here, the
       shadows are planned, the rows this rank keeps for them move up behind its own, the rows are gathered and the
       hot experts' weights are broadcast)
@@ -33,10 +35,10 @@ from ..experts import ExpertBank
 from ..parallel.collectives import GuardedWork
 from ..parallel.groups import ParallelGroups
 from ..placement import PlacementTable
-from ..routing.plan import RoutingPlan
+from ..routing.plan import RoutingPlan, count_per
 from .all_to_all import InFlight, exchange_counts, finish_all_to_all, gather_counts, start_all_to_all
 from .combine import combine_rows
-from .permute import Permutation, gather_pieces, sort_by_expert
+from .permute import Permutation, gather_pieces, sort_by_expert, start_gather
 from .shadow import SHADOW_MIN_ROWS, ShadowCopies, kept_order, plan_shadows, shadow_rows
 from .traffic import Traffic
 
@@ -85,6 +87,8 @@ class Route:
     """One dispatch on this rank once the counts are here: what the exchanges, the experts and the combine need,
     with shadows or without."""
 
+    counts: list[int]  # rows this rank sends per rank-order position (to itself included)
+    n_self: int  # of those, rows for its own experts
     per_source: list[list[int]]  # rows this rank's experts compute, [source rank][slot] (its own rows included)
     token: torch.Tensor  # [A] each row's token, in send order: own rows, kept rows, outgoing rows
     weight: torch.Tensor  # [A] each row's combine weight, in the same order
@@ -168,18 +172,17 @@ class ExpertParallelDispatcher:
         bounds = table.rank_offsets
         rank_key, send_key = self.keys(plan.expert.device)
 
-        # counts exchange: this rank's rows per (rank, slot) start travelling; the sort and gather need only them
-        rank_order = torch.bincount(rank_key[plan.expert], minlength=table.num_experts)
+        # counts exchange: this rank's rows per (rank, slot) start travelling; the sort and gather need none of them
+        rank_order = count_per(rank_key[plan.expert], table.num_experts)
         counts_in, arrival = self.start_counts(rank_order)
-        counts = rank_order.tolist()
-        n_self = sum(counts[bounds[me] : bounds[me + 1]])
 
         # sort into send order (own experts first) and gather the rows; the counts arrive -> what this rank computes
         perm = sort_by_expert(plan.token, send_key[plan.expert], plan.weight, table.num_experts)
         if self.shadow_experts:
-            route = self.shadow_route(x, perm, counts, n_self, counts_in, arrival, experts)
+            route = self.shadow_route(x, perm, counts_in, arrival, experts)
         else:
-            route = self.direct_route(x, perm, n_self, counts_in, arrival)
+            route = self.direct_route(x, perm, rank_order, counts_in, arrival)
+        counts, n_self = route.counts, route.n_self
 
         # exchange rows, experts, exchange back: overlapped with compute, or merged into one GEMM per expert
         send_splits = [
@@ -219,20 +222,30 @@ class ExpertParallelDispatcher:
         return exchange_counts(rank_order, per_rank, per_rank[self.groups.ep_rank], world, group, name, async_op=True)
 
     def direct_route(
-        self, x: torch.Tensor, perm: Permutation, n_self: int, counts_in: torch.Tensor, arrival: GuardedWork
+        self,
+        x: torch.Tensor,
+        perm: Permutation,
+        rank_order: torch.Tensor,
+        counts_in: torch.Tensor,
+        arrival: GuardedWork,
     ) -> Route:
-        """Without shadows: the rows are gathered while the counts travel, in send order as sorted."""
-        pieces = gather_pieces(x, perm.token, piece_sizes(n_self, perm.token.shape[0]))
+        """Without shadows: the rows are gathered while the counts travel, in send order as sorted; then the counts
+        sent and received are read in one go (the dispatch's one host sync) and cut the rows into pieces."""
+        early = start_gather(x, perm.token)
         arrival.wait()
-        world, n_local = self.groups.ep_size, self.placement.rank_sizes[self.groups.ep_rank]
-        return Route(counts_in.view(world, n_local).tolist(), perm.token, perm.weight, pieces, [0] * world)
+        table, world, me = self.placement, self.groups.ep_size, self.groups.ep_rank
+        host = torch.cat([rank_order, counts_in]).tolist()
+        counts, received = host[: table.num_experts], host[table.num_experts :]
+        n_local = table.rank_sizes[me]
+        n_self = sum(counts[table.rank_offsets[me] : table.rank_offsets[me + 1]])
+        per_source = [received[r * n_local : (r + 1) * n_local] for r in range(world)]
+        pieces = early.pieces(piece_sizes(n_self, perm.token.shape[0]))
+        return Route(counts, n_self, per_source, perm.token, perm.weight, pieces, [0] * world)
 
     def shadow_route(
         self,
         x: torch.Tensor,
         perm: Permutation,
-        counts: list[int],
-        n_self: int,
         gathered: torch.Tensor,
         arrival: GuardedWork,
         experts: ExpertBank,
@@ -243,7 +256,9 @@ class ExpertParallelDispatcher:
         table, world, me = self.placement, self.groups.ep_size, self.groups.ep_rank
         bounds = list(table.rank_offsets)
         arrival.wait()
-        matrix = gathered.view(world, table.num_experts).tolist()  # [source rank][rank-order position]
+        matrix = gathered.view(world, table.num_experts).tolist()  # [source rank][rank-order position]: one host read
+        counts = matrix[me]  # this rank's own, as gathered
+        n_self = sum(counts[bounds[me] : bounds[me + 1]])
         shadows = plan_shadows(matrix, bounds, self.shadow_experts, self.shadow_min_rows)
         rows = shadow_rows(matrix, bounds, me, shadows)
         token, weight = perm.token, perm.weight
@@ -251,13 +266,13 @@ class ExpertParallelDispatcher:
         if n_kept:  # the kept rows move up behind the own rows, out of the outgoing block
             ranges = kept_order(counts, bounds, me, n_self, rows.kept)
             order = torch.cat([torch.arange(s, s + n, device=token.device) for s, n in ranges])
-            token, weight = token[order], weight[order]
+            token, weight = token.index_select(0, order), weight.index_select(0, order)
         pieces = gather_pieces(x, token, piece_sizes(n_self, token.shape[0], n_kept))
         copies, kept_ffn = None, no_rows
         if shadows:
             copies = ShadowCopies.broadcast(shadows, dict(experts.weights()), me, self.groups.ep_group, self.name)
             kept_ffn = partial(copies.compute, experts)
-        return Route(rows.received, token, weight, pieces, rows.kept_from, kept_ffn, copies)
+        return Route(counts, n_self, rows.received, token, weight, pieces, rows.kept_from, kept_ffn, copies)
 
     @staticmethod
     def overlapped(pieces, own, remote, experts, kept_ffn, exchange: RowExchange) -> list[torch.Tensor]:

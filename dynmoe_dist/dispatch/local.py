@@ -31,8 +31,11 @@ class LocalDispatcher:
         alongside: Callable[[], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Traffic]:
         """``alongside``: the [S, d] output of an undispatched FFN of the same tokens (shared experts), added."""
-        rows, segments, perm = self.segments(x, plan)
+        # the experts take the per-expert counts as a device tensor: the grouped GEMM never reads them on the host
+        # (no sync), the segment loop reads them once
+        perm = sort_by_expert(plan.token, plan.expert, plan.weight, plan.num_experts)
+        rows = gather_rows(x, perm)
         base = alongside() if alongside is not None else None
-        out = combine_rows(experts(rows, segments), perm.token, perm.weight, x.shape[0], base)
+        out = combine_rows(experts(rows, perm.counts), perm.token, perm.weight, x.shape[0], base)
         a = plan.num_assignments
         return out, Traffic(a, a, 0, a, x.shape[1] * x.element_size())

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..routing.plan import count_per
 from .combine import accumulator, chunk_rows
 
 
@@ -26,9 +27,10 @@ class Permutation:
 
 
 def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int) -> Permutation:
+    """Everything on the device: no host read (the counts stay a tensor until someone asks for ``counts_list``)."""
     order = torch.argsort(expert, stable=True)
-    counts = torch.bincount(expert, minlength=num_experts)
-    return Permutation(counts=counts, token=token[order], weight=weight[order])
+    counts = count_per(expert, num_experts)
+    return Permutation(counts=counts, token=token.index_select(0, order), weight=weight.index_select(0, order))
 
 
 class GatherPieces(torch.autograd.Function):
@@ -39,10 +41,12 @@ class GatherPieces(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, token: torch.Tensor, sizes: list[int]):  # noqa: D102
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor, sizes: list[int], gathered: torch.Tensor | None):  # noqa: D102
         ctx.set_materialize_grads(False)  # a piece nobody used adds nothing
         ctx.save_for_backward(token)
         ctx.sizes, ctx.num_tokens = sizes, x.shape[0]
+        if gathered is not None:  # gathered already (``EarlyGather``): the pieces are views of those rows
+            return tuple(gathered.split(sizes))
         return tuple(x.index_select(0, t) for t in token.split(sizes))
 
     @staticmethod
@@ -50,7 +54,7 @@ class GatherPieces(torch.autograd.Function):
         (token,) = ctx.saved_tensors
         used = [g for g in grads if g is not None]
         if not used:
-            return None, None, None
+            return None, None, None, None
         dx = accumulator(used[0], ctx.num_tokens)
         cast = dx.dtype != used[0].dtype  # bf16/fp16 on CPU: chunks, so each chunk's cast copy stays small
         for t, g in zip(token.split(ctx.sizes), grads, strict=True):
@@ -62,12 +66,34 @@ class GatherPieces(torch.autograd.Function):
             step = chunk_rows(g)
             for s in range(0, g.shape[0], step):
                 dx.index_add_(0, t[s : s + step], g[s : s + step].to(dx.dtype))
-        return dx.to(used[0].dtype), None, None
+        return dx.to(used[0].dtype), None, None, None
 
 
 def gather_pieces(x: torch.Tensor, token: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     """[S, d] -> pieces of [sizes[i], d]: one row per assignment, in ``token`` order."""
-    return list(GatherPieces.apply(x, token, list(sizes)))
+    return list(GatherPieces.apply(x, token, list(sizes), None))
+
+
+@dataclass
+class EarlyGather:
+    """The rows gathered before their piece sizes are known on the host.
+
+    Why: under expert parallelism the sizes come from the counts exchange, and reading them is the dispatch's one
+    host sync; the gather is issued before it, so it runs while the counts travel. ``pieces`` then cuts the gathered
+    rows into views, with ``gather_pieces``' backward (each piece's gradient added into [S, d] where it lies)."""
+
+    x: torch.Tensor
+    token: torch.Tensor
+    rows: torch.Tensor
+
+    def pieces(self, sizes: list[int]) -> list[torch.Tensor]:
+        return list(GatherPieces.apply(self.x, self.token, list(sizes), self.rows))
+
+
+def start_gather(x: torch.Tensor, token: torch.Tensor) -> EarlyGather:
+    """Gather the rows of ``token`` now (no autograd record yet: ``EarlyGather.pieces`` makes it)."""
+    with torch.no_grad():
+        return EarlyGather(x, token, x.index_select(0, token))
 
 
 def gather_rows(x: torch.Tensor, perm: Permutation) -> torch.Tensor:

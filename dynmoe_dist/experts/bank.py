@@ -82,10 +82,14 @@ class ExpertBank(nn.Module):
         return rows
 
     def forward(
-        self, rows: torch.Tensor, segments: list[tuple[int, int]], weights: dict[str, torch.Tensor] | None = None
+        self,
+        rows: torch.Tensor,
+        segments: list[tuple[int, int]] | torch.Tensor,
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``segments`` = [(local slot, rows), ...] in row order. ``weights``: stacked weights by name to compute with
-        in place of this bank's own (copies of other ranks' experts, ``dispatch/shadow.py``); slots index them."""
+        """``segments`` = [(local slot, rows), ...] in row order, or an [E] int64 tensor of rows per slot with the rows
+        in slot order (``grouped_ffn``). ``weights``: stacked weights by name to compute with in place of this bank's
+        own (copies of other ranks' experts, ``dispatch/shadow.py``); slots index them."""
         w = self.weights() if weights is None else weights
         biases = {k: v for k, v in w.items() if k.startswith("b_")}
         return grouped_ffn(rows, segments, w["w_in"], w["w_out"], w.get("w_gate"), self.activation, biases, self.gemm)

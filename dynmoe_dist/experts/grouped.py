@@ -61,9 +61,14 @@ def cpu_kernel(gemm: str, x: torch.Tensor) -> Gemm:
     return ONEDNN if gemm == "onednn" or (gemm == "auto" and onednn_usable(x)) else ATEN
 
 
+def uses_grouped_mm(gemm: str, rows: torch.Tensor, w_in: torch.Tensor) -> bool:
+    """Whether these rows go through the grouped GEMM (asked for, or ``auto`` where the CUDA kernel serves them)."""
+    return gemm == "grouped_mm" or (gemm == "auto" and grouped_gemm_available(rows, w_in))
+
+
 def grouped_ffn(
     rows: torch.Tensor,
-    segments: Sequence[tuple[int, int]],
+    segments: Sequence[tuple[int, int]] | torch.Tensor,
     w_in: torch.Tensor,
     w_out: torch.Tensor,
     w_gate: torch.Tensor | None = None,
@@ -76,29 +81,40 @@ def grouped_ffn(
     ``activation`` defaults to GELU, or SwiGLU when ``w_gate`` is given; ``biases`` holds stacked b_in/b_gate/b_out.
     A slot's rows spread over several segments are gathered into one, in slot order (a row permutation), before the
     experts run. ``gemm``: see the module docstring.
+
+    ``segments`` may instead be an [E] int64 tensor of rows per slot (rows in slot order, on the rows' device): the
+    grouped GEMM then takes it as it is, with no host read (no device sync; their sum is not checked); the segment
+    loop reads it once.
     """
     activation = activation or ("swiglu" if w_gate is not None else "gelu")
     b = biases or {}
-    covered = sum(n for _, n in segments)
-    if covered != rows.shape[0]:
-        raise ShapeError(
-            f"grouped_ffn: the segments cover {covered} rows but {rows.shape[0]} were given; "
-            "each (slot, n) segment takes the next n rows, and together they must cover every row"
-        )
     low = autocast_dtype(rows.device.type)
     if low is not None:  # under autocast: the rows in its dtype, computed as such (out= buffers take no autocast)
         with torch.autocast(rows.device.type, enabled=False):
             return grouped_ffn(rows.to(low), segments, w_in, w_out, w_gate, activation, biases, gemm)
+    if isinstance(segments, torch.Tensor):
+        if segments.shape != (w_in.shape[0],):
+            raise ShapeError(f"grouped_ffn: {tuple(segments.shape)} row counts for {w_in.shape[0]} experts")
+        if not uses_grouped_mm(gemm, rows, w_in):
+            segments = list(enumerate(segments.tolist()))
+    covered = rows.shape[0] if isinstance(segments, torch.Tensor) else sum(n for _, n in segments)
+    if covered != rows.shape[0]:  # (device counts are trusted: checking their sum would read it on the host)
+        raise ShapeError(
+            f"grouped_ffn: the segments cover {covered} rows but {rows.shape[0]} were given; "
+            "each (slot, n) segment takes the next n rows, and together they must cover every row"
+        )
 
     # Weights follow the rows' dtype: bf16 activations compute in bf16 against fp32 parameters, whose gradients
     # arrive in fp32 through the cast (a no-op when the dtypes already agree).
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(rows.dtype)
 
+    weights = (cast(w_in), cast(w_out), cast(w_gate), cast(b.get("b_in")), cast(b.get("b_out")), cast(b.get("b_gate")))
+    if isinstance(segments, torch.Tensor):  # rows in slot order already, counts on the device
+        return grouped_gemm_ffn(rows, segments, activation, *weights)
     perm, merged = merge_by_slot(segments, rows.device)
     x = rows if perm is None else rows.index_select(0, perm)
-    weights = (cast(w_in), cast(w_out), cast(w_gate), cast(b.get("b_in")), cast(b.get("b_out")), cast(b.get("b_gate")))
-    if gemm == "grouped_mm" or (gemm == "auto" and grouped_gemm_available(x, w_in)):
+    if uses_grouped_mm(gemm, x, w_in):
         counts = [0] * w_in.shape[0]
         for slot, n in merged:
             counts[slot] = n

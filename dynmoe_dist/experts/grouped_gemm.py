@@ -50,7 +50,7 @@ class ZeroEmptyGroups(torch.autograd.Function):
 
 def grouped_gemm_ffn(
     x: torch.Tensor,
-    counts: list[int],
+    counts: list[int] | torch.Tensor,
     activation: str,
     w_in: torch.Tensor,
     w_out: torch.Tensor,
@@ -59,14 +59,19 @@ def grouped_gemm_ffn(
     b_out: torch.Tensor | None = None,
     b_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x`` sorted by slot, ``counts[slot]`` rows each, one count per slot of the stacked weights."""
+    """``x`` sorted by slot, ``counts[slot]`` rows each, one count per slot of the stacked weights: a list, or an
+    int64 tensor on ``x``'s device (then nothing here reads the host or waits for the device)."""
     device = x.device
-    sizes = torch.tensor(counts, dtype=torch.int64).to(device, non_blocking=True)
-    offs = torch.cumsum(sizes, 0).to(torch.int32)
+    if isinstance(counts, torch.Tensor):
+        sizes = counts.to(device=device, dtype=torch.int64)
+    else:
+        sizes = torch.tensor(counts, dtype=torch.int64).to(device, non_blocking=True)
+    offs = torch.cumsum(sizes, 0, dtype=torch.int32)
     empty = sizes == 0
     slot_of_row = None
     if b_in is not None or b_out is not None:
-        slot_of_row = torch.repeat_interleave(torch.arange(len(counts), device=device), sizes, output_size=x.shape[0])
+        slots = torch.arange(sizes.shape[0], device=device)
+        slot_of_row = torch.repeat_interleave(slots, sizes, output_size=x.shape[0])
 
     def linear(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         y = F.grouped_mm(t, ZeroEmptyGroups.apply(w, empty), offs=offs)

@@ -172,4 +172,4 @@ def merge_by_slot(
     merged: dict[int, int] = {}
     for s, n in sorted(kept, key=lambda seg: seg[0]):
         merged[s] = merged.get(s, 0) + n
-    return perm.to(device), list(merged.items())
+    return perm.to(device, non_blocking=True), list(merged.items())  # (a blocking copy would sync the device)

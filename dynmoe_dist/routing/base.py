@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, check
-from .plan import RoutingPlan, RoutingStats
+from .plan import RoutingPlan, RoutingStats, count_per
 
 
 @dataclass
@@ -71,16 +71,21 @@ class Router(nn.Module):
             raise ConfigError("router input shape", tuple(x.shape), f"[tokens, {self.d_model}]")
         a = self.route(x, importance)
         num_tokens = x.shape[0]
-        k = torch.bincount(a.token, minlength=num_tokens)
+        k = count_per(a.token, num_tokens)
         with torch.no_grad():
             unrouted = None
             if self.training and self.records_unrouted:
                 unrouted = a.unrouted if a.unrouted is not None else k == 0
+            # masked sums, not x[unrouted]: a boolean index sizes its result on the host (a device sync)
             stats = RoutingStats(
-                tokens_per_expert=torch.bincount(a.expert, minlength=self.num_experts),
+                tokens_per_expert=count_per(a.expert, self.num_experts),
                 k_per_token=k,
                 unrouted_count=unrouted.sum() if unrouted is not None else k.new_zeros(()),
-                unrouted_sum=(x.detach()[unrouted].sum(0) if unrouted is not None else x.new_zeros(self.d_model)),
+                unrouted_sum=(
+                    torch.where(unrouted[:, None], x.detach(), 0).sum(0)
+                    if unrouted is not None
+                    else x.new_zeros(self.d_model)
+                ),
                 token_sum=x.detach().sum(0) if unrouted is not None else None,
             )
         return RoutingPlan(
@@ -96,7 +101,9 @@ class Router(nn.Module):
 
 
 def flatten_mask(mask: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token, expert, weight) of the true entries of a [S, E] mask, token-major."""
+    """(token, expert, weight) of the true entries of a [S, E] mask, token-major.
+
+    The one host sync of a gate whose k varies per token: the number of assignments sizes everything after it."""
     token, expert = mask.nonzero(as_tuple=True)
     return token, expert, weights[token, expert]
 
@@ -108,5 +115,5 @@ def balance_loss(probs: torch.Tensor, expert: torch.Tensor, num_experts: int) ->
     """
     if expert.numel() == 0 or probs.shape[0] == 0:
         return probs.sum() * 0.0
-    f = torch.bincount(expert, minlength=num_experts).to(probs.dtype) / expert.numel()
+    f = count_per(expert, num_experts).to(probs.dtype) / expert.numel()
     return num_experts * (f * probs.mean(0)).sum()

@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import check
 from .base import Assignments, Router
 from .config import NullExpertConfig
+from .plan import count_per
 from .top_k import init_router_weight, top_k_assignments
 
 
@@ -34,18 +35,18 @@ class NullExpertRouter(Router):
         logits = x @ torch.cat([self.weight, self.null_weight]).t()
         probs = torch.softmax(logits, dim=-1)
         token, column, weight = top_k_assignments(probs, self.cfg.k, self.cfg.renormalize)
-        real = column < self.num_experts
+        real = (column < self.num_experts).nonzero().squeeze(1)  # the one host sync: how many choices were real
         losses = {}
         if self.cfg.balance_weight:
             losses["balance"] = self.cfg.balance_weight * self.pooled_balance(probs, column)
-        return Assignments(token[real], column[real], weight[real], losses)
+        return Assignments(token[real], column[real], weight.index_select(0, real), losses)
 
     def pooled_balance(self, probs: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
         """(E + N) * sum f_e P_e over real and null slots, null slots replaced by their mean."""
         total = probs.shape[1]
         if column.numel() == 0:
             return probs.sum() * 0.0
-        f = torch.bincount(column, minlength=total).to(probs.dtype) / column.numel()
+        f = count_per(column, total).to(probs.dtype) / column.numel()
         p = probs.mean(0)
         e = self.num_experts
         f = torch.cat([f[:e], f[e:].mean().expand(total - e)])

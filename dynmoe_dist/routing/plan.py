@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def count_per(index: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] int64: how often each value 0..n-1 occurs in ``index``. ``bincount`` would do, but on a GPU it reads the
+    largest value back to the host to size its result (a sync per call); here the size is given."""
+    return torch.zeros(n, dtype=torch.int64, device=index.device).scatter_add_(0, index, torch.ones_like(index))
+
+
 @dataclass
 class RoutingStats:
     """Per-batch routing statistics (detached); what the adaptation recorder accumulates."""
@@ -64,7 +70,7 @@ class RoutingPlan:
 
     def select(self, keep: torch.Tensor) -> RoutingPlan:
         """The plan restricted to the assignments where ``keep`` is true (capacity drops use this)."""
-        k = torch.bincount(self.token[keep], minlength=self.num_tokens)
+        k = count_per(self.token[keep], self.num_tokens)
         return RoutingPlan(
             token=self.token[keep],
             expert=self.expert[keep],

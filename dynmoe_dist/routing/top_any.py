@@ -81,7 +81,8 @@ class TopAnyRouter(Router):
             # a token no expert accepted goes to its most similar expert with weight 1 (evaluation in the reference;
             # in training with unrouted="top1", where the weight's gradient goes to that pair's margin s - t, so the
             # task loss can lower the threshold of an expert the token needs)
-            best = F.one_hot(s.argmax(-1), self.num_experts).bool() & empty[:, None]
+            # a comparison, not one_hot: one_hot checks its classes on the host where it runs on CPU
+            best = (torch.arange(self.num_experts, device=s.device) == s.argmax(-1, keepdim=True)) & empty[:, None]
             one = torch.ones_like(weights)
             if self.training:
                 one = one + (margin - margin.detach())  # value 1, gradient of the margin
@@ -110,10 +111,11 @@ class TopAnyRouter(Router):
             # Switch-style E * sum_e P_e f_e over the routed tokens: P_e the mean 1/k share (its gradient moves tokens
             # from busy to idle experts), f_e the share of tokens that took e, a count without gradient as in the
             # reference code; a differentiable f_e pushes every activation down and makes k = 0 absorbing
-            routed = k.squeeze(-1) > 0
-            ar = a[routed]
-            p = ar / k[routed]
-            bal = self.num_experts * (p.mean(0) * ar.detach().mean(0)).sum() if ar.shape[0] else a.sum() * 0.0
+            # means over the routed tokens as masked sums (a boolean index would size its result on the host); rows
+            # of unrouted tokens are all zero in ``a``, so they add nothing to either sum
+            routed = (k > 0).sum().clamp(min=1)
+            p = a / k.clamp(min=1.0)
+            bal = self.num_experts * ((p.sum(0) / routed) * (a.detach().sum(0) / routed)).sum()
             losses["balance"] = c.aux_weight * c.balance_weight * bal
         if c.efficiency_weight:
             costly = a if c.efficiency_free == 0 else a * (k.detach() > c.efficiency_free)

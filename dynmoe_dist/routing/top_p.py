@@ -25,7 +25,7 @@ def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
     before = sorted_probs.cumsum(-1) - sorted_probs
     keep_sorted = before <= p
-    keep_sorted[:, 0] = True
+    keep_sorted[:, 0].fill_(True)  # (an assignment of True would copy a host-made tensor to the device)
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..layer import MoEAux, MoELayer
 from ..parallel.collectives import all_reduce
+from ..routing.plan import count_per
 
 
 @dataclass
@@ -36,21 +37,17 @@ class LayerWindow:
 
     def observe(self, aux: MoEAux, layer: MoELayer) -> None:
         stats = aux.stats
-        dev = stats.k_per_token.device
         if layer.placement.version != self.version:  # a committed event: positions now name other ids
             self.flush()
             self.version, self.ids = layer.placement.version, tuple(layer.router.expert_ids.tolist())
         per_pos = stats.tokens_per_expert.to(torch.float64)
         self.tokens_by_pos = per_pos if self.tokens_by_pos is None else self.tokens_by_pos + per_pos
-        hist = torch.bincount(stats.k_per_token.clamp(max=self.k_bins - 1), minlength=self.k_bins).to(torch.float64)
+        # made on the device (no bincount, no host-made tensor): nothing here waits for it
+        hist = count_per(stats.k_per_token.clamp(max=self.k_bins - 1), self.k_bins).to(torch.float64)
         self.k_hist = hist if self.k_hist is None else self.k_hist + hist
-        counts = torch.stack(
-            [
-                torch.tensor(float(stats.k_per_token.numel()), dtype=torch.float64, device=dev),
-                stats.unrouted_count.to(torch.float64).reshape(()),
-                torch.tensor(float(stats.dropped), dtype=torch.float64, device=dev),
-            ]
-        )
+        unrouted = stats.unrouted_count.to(torch.float64).reshape(())
+        tokens, dropped = float(stats.k_per_token.numel()), float(stats.dropped)
+        counts = torch.stack([unrouted.new_full((), tokens), unrouted, unrouted.new_full((), dropped)])
         self.counts = counts if self.counts is None else self.counts + counts
 
     def flush(self) -> None:
