@@ -14,8 +14,8 @@ split does not depend on file order or the machine; a source that is one documen
 its last ``val_fraction`` to validation.
 
 The stream cuts the training tokens into sequences of ``seq_len + 1`` tokens (stride ``seq_len``), visits them in a
-seeded permutation per epoch, and gives rank ``r`` the ``r``-th slice of each global batch. Its position is two
-integers (epoch, global cursor), independent of the world size.
+seeded permutation per epoch, and gives rank ``r`` the ``r``-th slice of each micro-batch of a global batch. Its
+position is two integers (epoch, global cursor), independent of the world size.
 """
 
 from __future__ import annotations
@@ -200,7 +200,12 @@ class StreamState:
 
 
 class SequenceStream:
-    """Sharded batches of ``[batch, seq_len]`` inputs and targets from one token array."""
+    """Sharded micro-batches of ``[batch, seq_len]`` inputs and targets from one token array.
+
+    A global batch of ``global_batch`` sequences (default ``batch_size x world``) is cut into micro-batches of
+    ``batch_size x world``; rank ``r`` takes the ``r``-th slice of each. An epoch's tail that does not fill a global
+    batch is skipped, so the sequences of every optimizer step are the same whatever the world size.
+    """
 
     def __init__(
         self,
@@ -212,18 +217,22 @@ class SequenceStream:
         seed: int,
         vocab_size: int,
         what: str = "training data",
+        global_batch: int | None = None,
     ) -> None:
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.rank, self.world, self.seed, self.vocab_size = rank, world, seed, vocab_size
+        self.global_batch = global_batch if global_batch is not None else batch_size * world
         self.count = sequence_count(tokens, seq_len)
-        if self.count < batch_size * world:
+        if self.count < self.global_batch:
             raise DataError(
                 f"the {what} has {len(tokens)} tokens: {self.count} sequences of {seq_len + 1} tokens, but one step "
-                f"needs {batch_size * world} ({batch_size} per rank x {world} ranks); give more data or lower "
-                "data.seq_len / data.batch_size"
+                f"needs {self.global_batch} ({batch_size} per rank x {world} ranks"
+                f"{'' if global_batch is None else ' x micro-batches'}); give more data or lower "
+                "data.seq_len / data.batch_size / data.global_batch"
             )
         self.state = StreamState()
         self._order: tuple[int, np.ndarray] | None = None
+        self._micro = 0  # micro-batches handed out of the current global batch
 
     def order(self, epoch: int) -> np.ndarray:
         """This epoch's permutation of the sequences (seeded, the same on every rank)."""
@@ -233,13 +242,14 @@ class SequenceStream:
         return self._order[1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of the next global batch; the stream moves on by one global batch."""
+        """This rank's slice of the next micro-batch; the stream moves on by one micro-batch over the world."""
         step = self.batch_size * self.world
-        if self.state.cursor + step > self.count:  # the epoch's tail that does not fill a global batch is skipped
+        if self._micro == 0 and self.state.cursor + self.global_batch > self.count:  # the epoch's tail is skipped
             self.state = StreamState(self.state.epoch + 1, 0)
         start = self.state.cursor + self.rank * self.batch_size
         index = self.order(self.state.epoch)[start : start + self.batch_size]
         self.state = StreamState(self.state.epoch, self.state.cursor + step)
+        self._micro = (self._micro + 1) % (self.global_batch // step)
         return gather_sequences(self.tokens, index, self.seq_len, self.vocab_size)
 
     def state_dict(self) -> dict:
@@ -247,6 +257,7 @@ class SequenceStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = StreamState(int(state["epoch"]), int(state["cursor"]))
+        self._micro = 0  # saved at an optimizer step's boundary
 
 
 def validation_batches(

@@ -70,14 +70,18 @@ class MetricsWindow:
         self.seconds = 0.0
         self.windows = [LayerWindow(self.k_bins) for _ in self.layers]
 
-    def observe(self, task: torch.Tensor, aux: torch.Tensor, grad_norm: float, tokens: int, auxes: list) -> None:
+    def observe(
+        self, task: torch.Tensor, aux: torch.Tensor, grad_norm: float, tokens: int, micro_auxes: list[list]
+    ) -> None:
+        """One optimizer step: its mean losses, norm and tokens, and each micro-batch's per-layer routing aux."""
         step = torch.stack([task.double(), aux.double()])
         self.train[:2] += step
         self.train[2] += grad_norm
         self.train[3] += 1
         self.tokens += tokens
-        for window, layer, a in zip(self.windows, self.layers, [a for a in auxes if isinstance(a, MoEAux)]):
-            window.observe(a, layer)
+        for auxes in micro_auxes:
+            for window, layer, a in zip(self.windows, self.layers, [a for a in auxes if isinstance(a, MoEAux)]):
+                window.observe(a, layer)
 
     def reduce(self, world_group) -> dict[str, Any]:
         """Sum over the world (one all-reduce; collective) and return the log record's numbers."""

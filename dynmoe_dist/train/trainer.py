@@ -1,8 +1,9 @@
 """The training loop: model, engine, MoE optimizer, adaptation, data stream, metrics, validation.
 
-One step on every rank: next batch of this rank's shard -> engine forward/backward -> one global gradient norm, both
-optimizers -> routing statistics into the metrics window -> the adaptation controller (collective; at a window's end it
-adds, removes or moves experts). Validation runs the same fixed set of sequences whatever the world size.
+One step on every rank: for each micro-batch of the global batch, this rank's slice -> engine forward/backward
+(gradients reduced after the last) -> one global gradient norm, both optimizers -> routing statistics into the
+metrics window -> the adaptation controller (collective; at a window's end it adds, removes or moves experts).
+Validation runs the same fixed set of sequences whatever the world size.
 
 The state a run needs beyond parameters and optimizer state is ``TrainState`` plus each component's own
 ``state_dict`` (data stream position, adaptation controller, engines): the checkpoint package saves exactly these.
@@ -24,7 +25,7 @@ from ..adapt import AdaptController, AdaptEvent
 from ..optim import MoEAdam
 from ..parallel.collectives import all_reduce
 from ..parallel.groups import ParallelGroups
-from .config import TrainConfig, adapt_config
+from .config import TrainConfig, adapt_config, global_batch_of, micro_batches
 from .data import Corpus, SequenceStream, validation_batches
 from .engines import DeepSpeedEngine, Engine, TorchEngine, deepspeed_config
 from .metrics import MetricsWindow, peak_memory_mb
@@ -80,6 +81,8 @@ class Trainer:
         self.last_checkpoint = -1
         self.rank, self.world = groups.rank, groups.world_size
         self.precision = resolve_precision(cfg.engine.precision, device)
+        self.micro_batches = micro_batches(cfg.data, self.world)  # per optimizer step (gradient accumulation)
+        self.global_batch = global_batch_of(cfg.data, self.world)
         self.model = Transformer(cfg.model, cfg.moe, groups, seed=cfg.seed, moe_factory=moe_factory)
         self.model.to(device)  # fp32 parameters for fp32 and bf16 alike: the engine decides what computes in bf16
         if self.precision == "fp64":
@@ -92,7 +95,14 @@ class Trainer:
             self.adapt = AdaptController(self.model, self.moe_opt, groups, adapt_config(cfg.adapt))
         d = cfg.data
         self.stream = SequenceStream(
-            corpus.train, d.seq_len, d.batch_size, self.rank, self.world, d.seed, cfg.model.vocab_size
+            corpus.train,
+            d.seq_len,
+            d.batch_size,
+            self.rank,
+            self.world,
+            d.seed,
+            cfg.model.vocab_size,
+            global_batch=self.global_batch,
         )
         self.state = TrainState()
         k_bins = max(cfg.moe.num_experts, cfg.adapt.max_experts if cfg.adapt.enabled else 0) + 1
@@ -105,7 +115,9 @@ class Trainer:
         c = self.cfg
         if c.engine.name == "torch":
             return TorchEngine(self.model, self.groups, self.moe_opt, c.optim, self.precision, self.device)
-        ds = deepspeed_config(c.data.batch_size, self.world, c.engine.zero_stage, self.precision, c.engine.deepspeed)
+        ds = deepspeed_config(
+            c.data.batch_size, self.world, c.engine.zero_stage, self.precision, c.engine.deepspeed, self.micro_batches
+        )
         return DeepSpeedEngine(self.model, self.groups, self.moe_opt, c.optim, ds, self.device)
 
     @property
@@ -134,22 +146,31 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------------
 
     def train_step(self) -> StepResult:
-        tokens, targets = (t.to(self.device, non_blocking=True) for t in self.stream.next_batch())
+        """One optimizer step: ``micro_batches`` forward/backward passes (gradients reduced once, after the last),
+        then both optimizers. Adaptation and every per-step statistic count optimizer steps, not micro-batches."""
         self.model.train()
-        loss, info = self.engine.forward(tokens, targets)
-        self.engine.backward(loss)
+        n = self.micro_batches
+        infos = []
+        for i in range(n):
+            tokens, targets = (t.to(self.device, non_blocking=True) for t in self.stream.next_batch())
+            loss, info = self.engine.forward(tokens, targets)
+            self.engine.backward(loss, n, last=i == n - 1)
+            self.watch.observe(info.moe)
+            infos.append(info)
+        task = infos[0].task_loss if n == 1 else torch.stack([i.task_loss for i in infos]).mean()
+        aux = infos[0].aux_loss if n == 1 else torch.stack([i.aux_loss for i in infos]).mean()
+        tokens_seen = sum(i.tokens for i in infos)
         step = self.state.step + 1
         o = self.cfg.optim
         lr = learning_rate(step, o, self.cfg.steps)
         moe_lr = learning_rate(step, o, self.cfg.steps, base=o.moe_lr or o.lr)
         norm = self.engine.step(lr, moe_lr, step)
-        self.window.observe(info.task_loss, info.aux_loss, norm, info.tokens, info.moe)  # before any event
-        self.watch.observe(info.moe)
+        self.window.observe(task, aux, norm, tokens_seen, [i.moe for i in infos])  # before any event
         self.state.step = step
-        self.state.tokens += info.tokens * self.world
+        self.state.tokens += tokens_seen * self.world
         warnings, collapses = self.watch.step(step, self.groups.world_group)
         events = self.adapt.step() if self.adapt is not None else []
-        return StepResult(float(info.task_loss), norm, events, warnings, collapses)
+        return StepResult(float(task), norm, events, warnings, collapses)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -194,7 +215,7 @@ class Trainer:
                 self.record_event(event, progress)
             self.record_unrouted(result.warnings, result.collapses, progress)
             experts = "/".join(str(layer.num_experts) for layer in self.model.moe_layers())
-            tokens_per_s = cfg.data.batch_size * cfg.data.seq_len * self.world * len(self.step_seconds)
+            tokens_per_s = self.global_batch * cfg.data.seq_len * len(self.step_seconds)
             tokens_per_s /= sum(self.step_seconds)
             unrouted = "/".join(f"{share:.2f}" for share in self.watch.last)
             postfix = {"loss": f"{result.loss:.3f}", "tok/s": f"{tokens_per_s:.0f}", "experts": experts}

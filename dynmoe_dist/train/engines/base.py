@@ -2,8 +2,9 @@
 
 One step, on every rank:
 
-    loss, info = engine.forward(tokens, targets)      # the whole model
-    engine.backward(loss)                             # gradients, reduced once each (dense by the engine)
+    for each micro-batch of the step:                 # gradient accumulation: micro_batches of them
+        loss, info = engine.forward(tokens, targets)  # the whole model
+        engine.backward(loss, micro_batches, last)    # gradients scaled by 1/micro_batches, reduced after the last
     norm = engine.step(lr, moe_lr, step)              # one global norm over both sides, clip, both optimizers
 
 Each rank's loss is the mean over its own tokens and every rank holds the same number, so gradients are averaged over
@@ -53,7 +54,8 @@ class Engine:
         """The precision context of a forward outside ``forward`` (validation)."""
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, micro_batches: int = 1, last: bool = True) -> None:
+        """Accumulate ``loss / micro_batches``'s gradients; reduce them over the world on the ``last`` micro-batch."""
         raise NotImplementedError
 
     def step(self, lr: float, moe_lr: float, step: int) -> float:

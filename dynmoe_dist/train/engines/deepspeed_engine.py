@@ -25,12 +25,14 @@ from .base import Engine, dense_param_groups
 from .dense_view import DenseView
 
 
-def deepspeed_config(batch_size: int, world_size: int, zero_stage: int, precision: str, extra: dict) -> dict:
+def deepspeed_config(
+    batch_size: int, world_size: int, zero_stage: int, precision: str, extra: dict, micro_batches: int = 1
+) -> dict:
     """The ds_config for one run, derived from the hydra config (never a second hand-written JSON)."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": batch_size * world_size,
+        "gradient_accumulation_steps": micro_batches,
+        "train_batch_size": batch_size * world_size * micro_batches,
         "gradient_clipping": 0.0,  # one global norm over dense + MoE is applied in the client optimizer's pre-hook
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": precision == "bf16"},
@@ -109,9 +111,12 @@ class DeepSpeedEngine(Engine):
     def forward(self, tokens, targets):
         return self.engine(tokens, targets)
 
-    def backward(self, loss):
-        self.engine.backward(loss)
-        sync_gradients(self.model, self.groups, average=True, dense=False)
+    def backward(self, loss, micro_batches=1, last=True):
+        self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps (= micro_batches) itself
+        if last:
+            sync_gradients(self.model, self.groups, average=True, dense=False)
+        else:
+            self.engine.step()  # not a boundary: DeepSpeed only counts the micro-batch (it must see every one)
 
     def step(self, lr, moe_lr, step):
         self.measure_moe(step)

@@ -30,9 +30,10 @@ class TorchEngine(Engine):
         with self.autocast():
             return self.model(tokens, targets)
 
-    def backward(self, loss):
-        loss.backward()
-        sync_gradients(self.model, self.groups, average=True)
+    def backward(self, loss, micro_batches=1, last=True):
+        (loss / micro_batches if micro_batches > 1 else loss).backward()
+        if last:
+            sync_gradients(self.model, self.groups, average=True)
 
     def step(self, lr, moe_lr, step):
         self.measure_moe(step)
