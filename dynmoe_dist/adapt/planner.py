@@ -1,8 +1,9 @@
 """Expert placement planner: which rank owns each expert after an add, remove or rebalance event.
 
-Step 4 of the control plane (docs/ARCHITECTURE.md, "One training step"). Every rank runs it on the same agreed statistics and must get the
-same table, so it is pure and deterministic: no randomness, never iterates a caller's mapping, breaks every tie by
-expert id and then rank, sums rank loads with ``math.fsum`` (order-free), and bounds search in nodes, not seconds.
+Step 4 of the control plane (docs/ARCHITECTURE.md, "One training step"). Every rank runs it on the same agreed
+statistics and must get the same table, so it is pure and deterministic: no randomness, never iterates a caller's
+mapping, breaks every tie by expert id and then rank, sums rank loads with ``math.fsum`` (order-free), and bounds
+search in nodes, not seconds.
 
 Objective, in order: (1) balance: max rank load within ``1 + tolerance`` of a target makespan ``T``; (2) among such
 plans, move the fewest bytes. An expert moves when its owner changes; new experts are created, so placing them is free.
