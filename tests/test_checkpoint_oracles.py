@@ -14,7 +14,7 @@ from dynmoe_dist.train.checkpointing import load_checkpoint, save_checkpoint
 from dynmoe_dist.train.trainer import Trainer
 
 import dist_pool
-from train_support import EVENTS, config, deepspeed_env, seed_events, small_corpus
+from train_support import EVENTS, by_id, config, deepspeed_env, seed_events, small_corpus
 
 GLOBAL_BATCH = 12  # sequences per step over the world: 2 x 6, 3 x 4, 4 x 3, 1 x 12 see the same batches
 NO_BATCH_STATS = ("moe.router.balance_weight=0.0",)  # the balance term is a per-rank batch statistic
@@ -27,20 +27,6 @@ def trainer(world: int, ep: int, *overrides: str) -> Trainer:
     t = Trainer(cfg, small_corpus(), groups, torch.device("cpu"))
     seed_events(t.model)
     return t
-
-
-def by_id(t: Trainer) -> dict[str, torch.Tensor]:
-    """Every tensor this rank holds that matters, MoE ones keyed by expert id: values and optimizer state."""
-    from dynmoe_dist.checkpoint import moe as ckpt_moe
-    from dynmoe_dist.train.checkpointing import dense_state
-
-    out = dict(dense_state(t).read())
-    for layer in t.model.moe_layers():
-        out.update(ckpt_moe.replicated_tensors(layer, t.moe_opt))
-        out.update(ckpt_moe.expert_tensors(layer, t.moe_opt))
-        out[f"placement/{layer.name}"] = torch.tensor([layer.placement.owners, layer.placement.slots])
-        out[f"ids/{layer.name}"] = layer.router.expert_ids
-    return {k: v.clone() for k, v in out.items()}  # a snapshot: training goes on after it
 
 
 def window(t: Trainer) -> dict[str, torch.Tensor]:

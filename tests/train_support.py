@@ -75,3 +75,17 @@ def deepspeed_env() -> None:
         return
     rank, world = dist.get_rank(), dist.get_world_size()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+
+
+def by_id(t) -> dict[str, torch.Tensor]:
+    """Every tensor this rank holds that matters, MoE ones keyed by expert id: values and optimizer state."""
+    from dynmoe_dist.checkpoint import moe as ckpt_moe
+    from dynmoe_dist.train.checkpointing import dense_state
+
+    out = dict(dense_state(t).read())
+    for layer in t.model.moe_layers():
+        out.update(ckpt_moe.replicated_tensors(layer, t.moe_opt))
+        out.update(ckpt_moe.expert_tensors(layer, t.moe_opt))
+        out[f"placement/{layer.name}"] = torch.tensor([layer.placement.owners, layer.placement.slots])
+        out[f"ids/{layer.name}"] = layer.router.expert_ids
+    return {k: v.clone() for k, v in out.items()}  # a snapshot: training goes on after it

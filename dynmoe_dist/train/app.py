@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from ..errors import DynMoEError
+from ..errors import DynMoEError, NonFiniteError
 from ..parallel.launchers import detect_env
 from .config import CONFIG_DIR
 
@@ -81,6 +81,7 @@ def run(cfg: DictConfig) -> None:
         log.info("resumed from %s (step %d, saved on %d ranks)", start, manifest.step, manifest.world_size)
     sink = open_run_folder(cfg, tc, path, env.rank, trainer.state.step if start is not None else None)
     trainer.sink = sink
+    stopped = ""
     try:
         log.info(
             "training %s: %d ranks (expert-parallel %d), %s engine, %s on %s; data: %s",
@@ -100,11 +101,15 @@ def run(cfg: DictConfig) -> None:
             )
         else:
             trainer.fit()
+    except NonFiniteError as exc:  # every rank stops at the same step: a clean exit, the checkpoints untouched
+        stopped = str(exc)
     finally:
         lines = sink.close() if sink is not None else []
     shutdown()
     for line in lines:
         print(line, flush=True)
+    if stopped:
+        fail(stopped, env.rank)
 
 
 def agree_start(tc, path: Path, rank: int, groups) -> Path | None:

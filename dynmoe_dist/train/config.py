@@ -143,6 +143,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # dense matrices only; norms, embeddings' bias-free rows and MoE parameters: none
     grad_clip: float = 1.0  # on one global norm over dense and MoE gradients; 0: off
+    # a step whose loss or gradient norm is NaN/Inf on any rank is skipped on every rank; this many in a row stop it
+    max_skipped: int = 5
 
 
 @dataclass
@@ -414,6 +416,12 @@ def check_config(cfg: Any, world_size: int, launcher: str = "single") -> None:
         f"a divisor of the world size {world_size} (the number of ranks the launcher started)",
     )
     check(math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a learning rate > 0")
+    check(
+        cfg.optim.max_skipped >= 1,
+        "optim.max_skipped",
+        cfg.optim.max_skipped,
+        "an integer >= 1 (consecutive non-finite steps skipped before the run stops)",
+    )
     check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "an integer >= 0")
     check(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", cfg.optim.min_lr_ratio, "a ratio in [0, 1]")
 

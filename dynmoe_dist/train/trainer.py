@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapt import AdaptController, AdaptEvent
+from ..errors import NonFiniteError
 from ..optim import MoEAdam
 from ..parallel.collectives import all_reduce
 from ..parallel.groups import ParallelGroups
@@ -53,12 +54,14 @@ class TrainState:
     step: int = 0
     tokens: int = 0  # trained on, over the world
     elapsed: float = 0.0  # seconds of training, over every session of the run
+    skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm, over the whole run
 
 
 @dataclass
 class StepResult:
     loss: float
     grad_norm: float
+    skipped: bool = False  # a non-finite loss or gradient norm somewhere: nothing changed on any rank
     events: list[AdaptEvent] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # a layer collapsing (UnroutedWatch)
     collapses: list[dict] = field(default_factory=list)  # a collapse that ended, for events.jsonl
@@ -110,6 +113,7 @@ class Trainer:
         self.watch = UnroutedWatch([m.name for m in self.model.moe_layers()], device)
         torch.manual_seed(cfg.seed + 1 + self.rank)  # dropout: its own stream per rank
         self.step_seconds: list[float] = []
+        self.consecutive_skips = 0
 
     def _engine(self) -> Engine:
         c = self.cfg
@@ -135,7 +139,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = TrainState(**state["train"])
+        self.state = TrainState(**{"skipped": 0, **state["train"]})
         self.stream.load_state_dict(state["data"])
         if self.adapt is not None and state["adapt"] is not None:
             self.adapt.load_state_dict(state["adapt"])
@@ -149,28 +153,72 @@ class Trainer:
         """One optimizer step: ``micro_batches`` forward/backward passes (gradients reduced once, after the last),
         then both optimizers. Adaptation and every per-step statistic count optimizer steps, not micro-batches."""
         self.model.train()
+        window = self.window_snapshot()  # put back if the step is skipped
         n = self.micro_batches
         infos = []
         for i in range(n):
             tokens, targets = (t.to(self.device, non_blocking=True) for t in self.stream.next_batch())
             loss, info = self.engine.forward(tokens, targets)
             self.engine.backward(loss, n, last=i == n - 1)
-            self.watch.observe(info.moe)
             infos.append(info)
         task = infos[0].task_loss if n == 1 else torch.stack([i.task_loss for i in infos]).mean()
         aux = infos[0].aux_loss if n == 1 else torch.stack([i.aux_loss for i in infos]).mean()
         tokens_seen = sum(i.tokens for i in infos)
         step = self.state.step + 1
+        bad_ranks = self.agree_nonfinite(float(task) + float(aux), step)
         o = self.cfg.optim
         lr = learning_rate(step, o, self.cfg.steps)
         moe_lr = learning_rate(step, o, self.cfg.steps, base=o.moe_lr or o.lr)
-        norm = self.engine.step(lr, moe_lr, step)
-        self.window.observe(task, aux, norm, tokens_seen, [i.moe for i in infos])  # before any event
+        norm = self.engine.step(lr, moe_lr, step, skip=bool(bad_ranks))
         self.state.step = step
+        if self.engine.skipped:
+            return self.skip(step, bad_ranks, norm, window)
+        self.consecutive_skips = 0
+        for info in infos:
+            self.watch.observe(info.moe)
+        self.window.observe(task, aux, norm, tokens_seen, [i.moe for i in infos])  # before any event
         self.state.tokens += tokens_seen * self.world
         warnings, collapses = self.watch.step(step, self.groups.world_group)
         events = self.adapt.step() if self.adapt is not None else []
-        return StepResult(float(task), norm, events, warnings, collapses)
+        return StepResult(float(task), norm, events=events, warnings=warnings, collapses=collapses)
+
+    def window_snapshot(self) -> list[tuple[torch.Tensor, ...]] | None:
+        """Copies of each layer's open adaptation window (on its device: no host sync)."""
+        if self.adapt is None:
+            return None
+        return [
+            (m.recorder.tokens.clone(), m.recorder.unrouted.clone(), m.recorder.seen.clone())
+            for m in self.model.moe_layers()
+        ]
+
+    def agree_nonfinite(self, loss: float, step: int) -> list[int]:
+        """The ranks whose loss is NaN or Inf this step, known to every rank (one small all-reduce): a step is
+        skipped everywhere or nowhere."""
+        bad = torch.zeros(self.world, dtype=torch.float64, device=self.device)
+        bad[self.rank] = float(not math.isfinite(loss))
+        if self.groups.world_group is not None:
+            all_reduce(bad, self.groups.world_group, "train.nonfinite")
+        return [r for r, flag in enumerate(bad.tolist()) if flag]
+
+    def skip(self, step: int, bad_ranks: list[int], norm: float, window: list | None) -> StepResult:
+        """A skipped step: parameters and optimizer states are as before it, the adaptation window forgets it, the
+        data stream has moved on. Too many in a row stop the run, before any checkpoint of a bad state."""
+        for layer, saved in zip(self.model.moe_layers(), window or []):
+            layer.recorder.tokens, layer.recorder.unrouted, layer.recorder.seen = saved
+        self.state.skipped += 1
+        self.consecutive_skips += 1
+        where = f"the loss on rank(s) {bad_ranks}" if bad_ranks else f"the gradient norm ({norm})"
+        if self.consecutive_skips >= self.cfg.optim.max_skipped:
+            d = self.stream.state
+            raise NonFiniteError(
+                f"step {step}: {self.consecutive_skips} optimizer steps in a row skipped (optim.max_skipped="
+                f"{self.cfg.optim.max_skipped}), last for a NaN or Inf in {where}. Look at the learning rate "
+                "(optim.lr, optim.warmup_steps), optim.grad_clip, engine.precision, and the data before epoch "
+                f"{d.epoch}, sequence {d.cursor}; moe.check_finite=true names the first MoE layer that sees it. The "
+                "run's latest checkpoint is the last good one"
+                + (f" (step {self.last_checkpoint})" if self.last_checkpoint >= 0 else "")
+            )
+        return StepResult(math.nan, norm, skipped=True, warnings=[f"skipped: NaN or Inf in {where}"])
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -267,6 +315,7 @@ class Trainer:
             "tokens_per_s": numbers["tokens"] / seconds,
             "tokens": self.state.tokens,
             "peak_mem_mb": peak_memory_mb(self.device),
+            "skipped_steps": self.state.skipped,
             "moe": numbers["moe"],
         }
         for stats, longest in zip(record["moe"].values(), self.watch.longest):
@@ -282,7 +331,7 @@ class Trainer:
             progress.line(
                 f"step {step}/{self.cfg.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                 f"grad {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}  experts {experts}  k {avg_k}  "
-                f"unrouted {unrouted}"
+                f"unrouted {unrouted}" + (f"  skipped {self.state.skipped}" if self.state.skipped else "")
             )
 
     def validate(self, progress: Progress) -> dict[str, float]:

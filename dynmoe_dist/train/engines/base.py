@@ -1,5 +1,9 @@
 """What both engines share: the MoE side (gradient sync, MoEAdam, its half of the global norm) and the step contract.
 
+A step is skipped on every rank (``engine.skipped``: no parameter, no optimizer state changes, gradients dropped) when
+the caller says a rank saw a non-finite loss, or when the global norm is NaN or Inf: that norm is the same number on
+every rank (reduced gradients), so every rank decides alike without another collective.
+
 One step, on every rank:
 
     for each micro-batch of the step:                 # gradient accumulation: micro_batches of them
@@ -22,7 +26,7 @@ from torch import nn
 
 from ...layer import MoELayer
 from ...optim import MoEAdam
-from ...optim.clip import check_finite_norm, clip_coefficient, moe_squared_norm, scale_gradients
+from ...optim.clip import clip_coefficient, moe_squared_norm, scale_gradients
 from ...parallel.grads import moe_parameter_kinds
 from ...parallel.groups import ParallelGroups
 
@@ -46,6 +50,7 @@ class Engine:
         self.grad_clip, self.device = grad_clip, device
         self.moe_sq = 0.0  # this step's MoE half of the squared norm
         self.last_norm = 0.0
+        self.skipped = False  # the last step changed nothing: a non-finite loss or gradient norm
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor):
         raise NotImplementedError
@@ -58,19 +63,23 @@ class Engine:
         """Accumulate ``loss / micro_batches``'s gradients; reduce them over the world on the ``last`` micro-batch."""
         raise NotImplementedError
 
-    def step(self, lr: float, moe_lr: float, step: int) -> float:
-        """Update both sides; returns the global gradient norm before clipping."""
+    def step(self, lr: float, moe_lr: float, step: int, skip: bool = False) -> float:
+        """Update both sides, or neither (``skip``, or a non-finite norm: ``self.skipped``); returns the global gradient
+        norm before clipping."""
         raise NotImplementedError
 
     def measure_moe(self, step: int) -> None:
         self.moe_sq = float(moe_squared_norm(self.model, self.groups, self.device))
-        check_finite_norm(self.moe_sq, "MoE", step)
 
     def combine(self, dense_sq: float, step: int) -> float:
-        """The global norm from both halves, checked; returns the clip coefficient for both sides."""
-        check_finite_norm(dense_sq, "dense", step)
-        self.last_norm = math.sqrt(dense_sq + self.moe_sq)
-        return clip_coefficient(self.last_norm, self.grad_clip)
+        """The global norm from both halves; returns the clip coefficient for both sides (1 for a non-finite norm,
+        whose step is skipped)."""
+        self.last_norm = math.sqrt(dense_sq + self.moe_sq) if dense_sq >= 0 else math.nan
+        return clip_coefficient(self.last_norm, self.grad_clip) if math.isfinite(self.last_norm) else 1.0
+
+    def skip_moe(self) -> None:
+        """Drop this step's MoE gradients: no MoEAdam step, no per-step router update."""
+        self.moe_opt.zero_grad(set_to_none=True)
 
     def step_moe(self, coef: float, moe_lr: float) -> None:
         kinds = moe_parameter_kinds(self.model)

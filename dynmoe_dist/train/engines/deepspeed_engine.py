@@ -1,25 +1,26 @@
 """DeepSpeed engine for the dense parameters (ZeRO stage 0, 1 or 2; fp32 or bf16); the MoE side stays dynmoe_dist's.
 
 DeepSpeed gets a ``DenseView`` of the model (dense modules only) and a client ``torch.optim.AdamW`` over them. Its
-own gradient clipping is off: it would clip the dense side by the dense norm alone. Instead a step pre-hook on the
-client optimizer scales the dense gradients by the coefficient of one global norm, sqrt(dense^2 + MoE^2), as a chained
+own gradient clipping is off: it would clip the dense side by the dense norm alone. Instead a wrapper of the client
+optimizer's step scales the dense gradients by the coefficient of one global norm, sqrt(dense^2 + MoE^2), as a chained
 optimizer does; the MoE half is measured just before ``engine.step()``. The dense half is DeepSpeed's own number where
 it computes one before calling the client (ZeRO 1/2, whose client is called once per parameter group with that group's
 fp32 partition, and the bf16 wrapper); with plain fp32 stage 0 the client sees the replicated reduced gradients and the
-hook measures them. The ds_config is built from the hydra config; ``engine.deepspeed`` adds keys the application does
-not own (bucket sizes, offload, ...).
+wrapper measures them. A non-finite global norm skips the client's update (and the MoE side's). The ds_config is
+built from the hydra config; ``engine.deepspeed`` adds keys the application does not own (bucket sizes, offload, ...).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from typing import Any
 
 import torch
 
-from ...optim.clip import check_finite_norm, scale_gradients, squared_norm
+from ...optim.clip import scale_gradients, squared_norm
 from ...parallel.grads import sync_gradients
 from .base import Engine, dense_param_groups
 from .dense_view import DenseView
@@ -33,7 +34,7 @@ def deepspeed_config(
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": micro_batches,
         "train_batch_size": batch_size * world_size * micro_batches,
-        "gradient_clipping": 0.0,  # one global norm over dense + MoE is applied in the client optimizer's pre-hook
+        "gradient_clipping": 0.0,  # one global norm over dense + MoE is applied in the client optimizer's step
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # dynmoe_dist reports progress itself
@@ -106,7 +107,18 @@ class DeepSpeedEngine(Engine):
         self.engine, *_ = deepspeed.initialize(model=self.view, optimizer=self.client, config=ds_config)
         self._step = 0
         self._coef: float | None = None
-        self.client.register_step_pre_hook(self._clip_dense)
+        self._skip = False
+        # DeepSpeed calls the client's step (ZeRO: once per parameter group) with the dense gradients reduced and fp32:
+        # there the global norm is formed, the gradients clipped, and a non-finite step skipped (the client's update
+        # left out, which DeepSpeed then copies back unchanged, whatever the stage or precision). An instance
+        # attribute, not a subclass: DeepSpeed's ZeRO accepts only the optimizer classes it knows.
+        adamw_step = self.client.step
+
+        def client_step(*args, **kwargs):
+            self._clip_dense(self.client)
+            return None if self._skip else adamw_step(*args, **kwargs)
+
+        self.client.step = client_step
 
     def forward(self, tokens, targets):
         return self.engine(tokens, targets)
@@ -118,15 +130,20 @@ class DeepSpeedEngine(Engine):
         else:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-batch (it must see every one)
 
-    def step(self, lr, moe_lr, step):
+    def step(self, lr, moe_lr, step, skip=False):
         self.measure_moe(step)
-        self._step, self._coef = step, None
+        self._step, self._coef, self._skip = step, None, skip
         for group in self.client.param_groups:  # under ZeRO these are the flat fp32 partitions' groups
             group["lr"] = lr
         self.engine.step()
         if self._coef is None:  # DeepSpeed skipped its optimizer: its own check found a non-finite dense norm
-            check_finite_norm(float("nan"), "dense", step)
-        self.step_moe(self._coef, moe_lr)
+            self.last_norm, self.skipped = math.nan, True
+        else:
+            self.skipped = self._skip
+        if self.skipped:
+            self.skip_moe()
+        else:
+            self.step_moe(self._coef, moe_lr)
         return self.last_norm
 
     def _dense_squared_norm(self, params: list[torch.Tensor]) -> float:
@@ -134,6 +151,8 @@ class DeepSpeedEngine(Engine):
         if wrapper is self.client:  # fp32, stage 0: reduced, replicated gradients in the client's parameters
             return float(squared_norm(params, self.device))
         norm = getattr(wrapper, "_global_grad_norm", None)
+        if norm is not None and not math.isfinite(float(norm)):
+            return math.nan
         if norm is None:
             raise RuntimeError(
                 f"DeepSpeed's {type(wrapper).__name__} computed no gradient norm this step; dynmoe_dist needs it for "
@@ -141,9 +160,11 @@ class DeepSpeedEngine(Engine):
             )
         return float(norm) ** 2
 
-    def _clip_dense(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    def _clip_dense(self, optimizer: torch.optim.Optimizer) -> None:
         """Runs inside DeepSpeed's step before each client AdamW call: the dense gradients are reduced and fp32."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self._coef is None:  # first call of this step (ZeRO calls once per parameter group)
             self._coef = self.combine(self._dense_squared_norm(params), self._step)
-        scale_gradients(params, self._coef)
+            self._skip = self._skip or not math.isfinite(self.last_norm)
+        if not self._skip:
+            scale_gradients(params, self._coef)

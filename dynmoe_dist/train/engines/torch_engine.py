@@ -3,6 +3,8 @@ dense parameters, bf16 through autocast (the parameters stay fp32)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...optim.clip import scale_gradients, squared_norm
@@ -35,10 +37,15 @@ class TorchEngine(Engine):
         if last:
             sync_gradients(self.model, self.groups, average=True)
 
-    def step(self, lr, moe_lr, step):
+    def step(self, lr, moe_lr, step, skip=False):
         self.measure_moe(step)
         dense = moe_parameter_kinds(self.model)["dense"]
         coef = self.combine(float(squared_norm(dense, self.device)), step)  # replicated after the sync: counted once
+        self.skipped = skip or not math.isfinite(self.last_norm)
+        if self.skipped:
+            self.dense_opt.zero_grad(set_to_none=True)
+            self.skip_moe()
+            return self.last_norm
         scale_gradients(dense, coef)
         for group in self.dense_opt.param_groups:
             group["lr"] = lr
