@@ -11,6 +11,8 @@ from typing import Any
 
 from ..errors import ConfigError, check
 
+NEW_THRESHOLDS = ("median", "max", "zero")
+
 
 @dataclass
 class TopAnyConfig:
@@ -35,7 +37,8 @@ class TopAnyConfig:
     # A hinge that lifts a token no expert accepted toward its most similar expert's threshold; 0 (the reference)
     # leaves such a token without a gradient toward any expert.
     route_weight: float = 10.0
-    # A new expert's threshold (adaptation): "median" of the layer's thresholds, or "zero" (the reference).
+    # A new expert's threshold (adaptation): the "median" or the "max" of the layer's thresholds, or "zero" (the
+    # reference).
     new_threshold: str = "median"
 
     def __post_init__(self) -> None:
@@ -51,7 +54,7 @@ class TopAnyConfig:
             value = getattr(self, name)
             check(value >= 0, name, value, "a weight >= 0 (0 switches the term off)")
         check(self.efficiency_free in (0, 1), "efficiency_free", self.efficiency_free, "0 (reference) or 1")
-        check(self.new_threshold in ("median", "zero"), "new_threshold", self.new_threshold, "'median' or 'zero'")
+        check(self.new_threshold in NEW_THRESHOLDS, "new_threshold", self.new_threshold, " | ".join(NEW_THRESHOLDS))
         check(self.unrouted in ("drop", "top1"), "unrouted", self.unrouted, "'drop' (reference) or 'top1'")
 
 

@@ -50,12 +50,14 @@ class TopAnyRouter(Router):
 
     def new_rows(self, directions: torch.Tensor, survivors: torch.Tensor) -> dict[str, torch.Tensor]:
         """A new expert's threshold: 0 in the reference (it then accepts every token on its side of the hyperplane,
-        about half of them); ``new_threshold="median"`` makes it as selective as the median surviving expert, so an
-        addition serves the unrouted tokens it was made for instead of raising k everywhere."""
+        about half of them); ``new_threshold="median"`` (or ``"max"``) makes it as selective as the median (or the most
+        selective) surviving expert, so an addition serves the unrouted tokens it was made for instead of raising k
+        everywhere."""
         rows = super().new_rows(directions, survivors)
-        if self.cfg.new_threshold == "median" and survivors.numel():
-            median = self.threshold.detach().index_select(0, survivors).median()
-            rows["threshold"] = median.expand(directions.shape[0]).clone()
+        if self.cfg.new_threshold != "zero" and survivors.numel():
+            kept = self.threshold.detach().index_select(0, survivors)
+            value = kept.median() if self.cfg.new_threshold == "median" else kept.max()
+            rows["threshold"] = value.expand(directions.shape[0]).clone()
         return rows
 
     def scale(self) -> torch.Tensor | float:
