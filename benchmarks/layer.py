@@ -10,19 +10,29 @@
   largest expert's count over the mean.
 
 ``--sweep`` runs the granularity sweep (8, 32, 64 and 128 experts; d 256 and 512; top-2), one row per shape.
+
+``--ops`` counts instead of timing: the aten ops one layer forward+backward dispatches (top-2 and Top-Any, 8 and 64
+experts, every expert kernel this build has), as dispatched here and as the same code dispatches on a GPU (where the
+combine takes each piece in one go instead of cache-sized chunks), and the ops among them that would make the host
+wait for a GPU (``op_count.py``). Each op is at least one kernel launch on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
+from dynmoe_dist.dispatch import combine
 from dynmoe_dist.experts import ExpertBank
 from dynmoe_dist.experts.activations import GATED, PLAIN
+from dynmoe_dist.experts.cpu_gemm import onednn_usable
 from dynmoe_dist.experts.grouped import GEMMS
 from dynmoe_dist.layer import MoELayer
 
+from .op_count import OpCounter
 from .report import emit
 from .timing import interleaved_medians
 
@@ -135,6 +145,63 @@ def measure(
     }
 
 
+OPS_EXPERTS = (8, 64)
+
+
+@contextlib.contextmanager
+def unchunked_combine() -> Iterator[None]:
+    """The combine and gather take each piece in one go, as they do on a GPU (``combine.chunk_rows``)."""
+    saved = combine.CHUNK_BYTES
+    combine.CHUNK_BYTES = 1 << 62
+    try:
+        yield
+    finally:
+        combine.CHUNK_BYTES = saved
+
+
+def available_gemms(d: int, d_ff: int) -> list[str]:
+    """The expert kernels this build runs float32 CPU rows on (``auto`` picks one of them)."""
+    gemms = ["loop"]
+    if onednn_usable(torch.zeros(1)):
+        gemms.append("onednn")
+    if hasattr(torch.nn.functional, "grouped_mm") and d % 4 == 0 and d_ff % 4 == 0:  # 16-byte rows
+        gemms.append("grouped_mm")
+    return gemms
+
+
+def count_layer_ops(gate: str, tokens: int, d: int, d_ff: int, experts: int, gemm: str) -> dict:
+    """Ops of one training forward+backward of the layer (after a warm-up one), here and on the GPU path."""
+    torch.manual_seed(0)
+    layer = MoELayer(d, d_ff, experts, router=GATES[gate], gemm=gemm, seed=1).train()
+    x = torch.randn(tokens, d, requires_grad=True)
+    grad_out = torch.randn(tokens, d)
+
+    def step() -> OpCounter:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        with OpCounter() as counter:
+            y, aux = layer(x)
+            torch.autograd.backward([y, aux.loss], [grad_out, torch.ones(())])
+        return counter
+
+    step()
+    here = step()
+    with unchunked_combine():
+        gpu = step()
+    return {
+        "gate": gate,
+        "gemm": gemm,
+        "experts": experts,
+        "d_model": d,
+        "d_ff": d_ff,
+        "tokens": tokens,
+        "ops": here.total,
+        "ops_gpu_path": gpu.total,
+        "syncs_gpu_path": len(gpu.syncs),
+        "top_ops_gpu_path": ", ".join(f"{name} {n}" for name, n in gpu.ops.most_common(5)),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks layer", description=__doc__)
     p.add_argument("--tokens", type=int, default=4096)
@@ -147,11 +214,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gemm", choices=GEMMS, default="auto", help="the experts' kernels (and the dense floor's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; the sweep uses 1)")
     p.add_argument("--sweep", action="store_true", help="granularity sweep: top-2 at every shape of sweep_shapes()")
+    p.add_argument("--ops", action="store_true", help="count the ops of one forward+backward instead of timing")
+    p.add_argument(
+        "--ops-tokens", type=int, default=512, help="tokens for --ops (only the CPU combine's chunks depend on them)"
+    )
     p.add_argument("--json", default=None, help="also write the JSON document here")
     a = p.parse_args(argv)
     threads = a.threads or (1 if a.sweep else None)
     if threads:
         torch.set_num_threads(threads)
+    if a.ops:
+        gemms = available_gemms(a.d_model, a.d_ff)
+        rows = [
+            count_layer_ops(g, a.ops_tokens, a.d_model, a.d_ff, e, gemm)
+            for g in a.gates.split(",")
+            for e in OPS_EXPERTS
+            for gemm in gemms
+        ]
+        columns = ["gate", "gemm", "experts", "tokens", "ops", "ops_gpu_path", "syncs_gpu_path", "top_ops_gpu_path"]
+        meta = {"threads": torch.get_num_threads(), "counted": "aten ops, one training forward+backward"}
+        emit("layer_ops", rows, columns, meta, a.json)
+        return
     if a.sweep:
         rows = [measure("top2", a.tokens, d, f, e, a.activation, a.repeats, a.gemm) for e, d, f in sweep_shapes()]
     else:

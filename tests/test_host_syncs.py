@@ -120,6 +120,19 @@ def test_the_counter_sees_what_syncs():
     assert reads == ["tolist"]
 
 
+def test_grouped_path_op_count_does_not_grow_with_the_experts_and_is_under_half_the_loop():
+    """``bench layer --ops``' count on the GPU path (the combine unchunked): the grouped GEMM's layer dispatches the
+    same ops at 8 and 64 experts, and at most half of what the segment loop dispatches at 8 (issue 29, point 2)."""
+    from benchmarks.layer import count_layer_ops
+
+    def ops(gemm: str, experts: int) -> int:
+        return count_layer_ops("top2", 64, D, D_FF, experts, gemm)["ops_gpu_path"]
+
+    grouped = ops("grouped_mm", 8)
+    assert grouped == ops("grouped_mm", 64)
+    assert grouped <= ops("loop", 8) / 2
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # expert parallelism: the counts are read once per forward, the backward reuses the split sizes
 

@@ -20,7 +20,7 @@ class LocalDispatcher:
 
     def segments(self, x: torch.Tensor, plan: RoutingPlan):
         """(rows in expert order, their (slot, rows) segments, the permutation): what the experts see."""
-        perm = sort_by_expert(plan.token, plan.expert, plan.weight, plan.num_experts)
+        perm = sort_by_expert(plan.token, plan.expert, plan.weight, plan.num_experts, plan.expert_counts())
         return gather_rows(x, perm), list(enumerate(perm.counts_list())), perm
 
     def run(
@@ -33,7 +33,7 @@ class LocalDispatcher:
         """``alongside``: the [S, d] output of an undispatched FFN of the same tokens (shared experts), added."""
         # the experts take the per-expert counts as a device tensor: the grouped GEMM never reads them on the host
         # (no sync), the segment loop reads them once
-        perm = sort_by_expert(plan.token, plan.expert, plan.weight, plan.num_experts)
+        perm = sort_by_expert(plan.token, plan.expert, plan.weight, plan.num_experts, plan.expert_counts())
         rows = gather_rows(x, perm)
         base = alongside() if alongside is not None else None
         out = combine_rows(experts(rows, perm.counts), perm.token, perm.weight, x.shape[0], base)

@@ -26,10 +26,17 @@ class Permutation:
         return self.counts.tolist()
 
 
-def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int) -> Permutation:
-    """Everything on the device: no host read (the counts stay a tensor until someone asks for ``counts_list``)."""
+def sort_by_expert(
+    token: torch.Tensor,
+    expert: torch.Tensor,
+    weight: torch.Tensor,
+    num_experts: int,
+    counts: torch.Tensor | None = None,
+) -> Permutation:
+    """Everything on the device: no host read (the counts stay a tensor until someone asks for ``counts_list``).
+    ``counts``: the assignments per expert, where the caller has them already."""
     order = torch.argsort(expert, stable=True)
-    counts = count_per(expert, num_experts)
+    counts = count_per(expert, num_experts) if counts is None else counts
     return Permutation(counts=counts, token=token.index_select(0, order), weight=weight.index_select(0, order))
 
 

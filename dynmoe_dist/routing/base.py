@@ -72,13 +72,14 @@ class Router(nn.Module):
         a = self.route(x, importance)
         num_tokens = x.shape[0]
         k = count_per(a.token, num_tokens)
+        counts = count_per(a.expert, self.num_experts)  # the statistics' and the dispatcher's (one count)
         with torch.no_grad():
             unrouted = None
             if self.training and self.records_unrouted:
                 unrouted = a.unrouted if a.unrouted is not None else k == 0
             # masked sums, not x[unrouted]: a boolean index sizes its result on the host (a device sync)
             stats = RoutingStats(
-                tokens_per_expert=count_per(a.expert, self.num_experts),
+                tokens_per_expert=counts,
                 k_per_token=k,
                 unrouted_count=unrouted.sum() if unrouted is not None else k.new_zeros(()),
                 unrouted_sum=(
@@ -97,6 +98,7 @@ class Router(nn.Module):
             expert_ids=self.expert_ids,
             aux_losses=a.losses,
             stats=stats,
+            counts=counts,
         )
 
 

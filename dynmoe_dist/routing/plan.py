@@ -49,6 +49,13 @@ class RoutingPlan:
     expert_ids: torch.Tensor  # [E] int64
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted terms
     stats: RoutingStats | None = None
+    counts: torch.Tensor | None = None  # [E] int64 assignments per position, when the gate counted them already
+
+    def expert_counts(self) -> torch.Tensor:
+        """[E] assignments per expert position (counted once, whoever asks first)."""
+        if self.counts is None:
+            self.counts = count_per(self.expert, self.num_experts)
+        return self.counts
 
     @property
     def num_assignments(self) -> int:
