@@ -15,6 +15,11 @@
 experts, every expert kernel this build has), as dispatched here and as the same code dispatches on a GPU (where the
 combine takes each piece in one go instead of cache-sized chunks), and the ops among them that would make the host
 wait for a GPU (``op_count.py``). Each op is at least one kernel launch on a GPU.
+
+``--memory`` measures instead of timing: the activation bytes one training forward saves for backward (caught by
+``torch.autograd.graph.saved_tensors_hooks``; parameters and the layer's input left out), per routed row, against
+the floor: the rows the expert GEMMs' backward needs (each row's input, pre-activation(s) and activation output). The
+router's own saved tensors ([tokens, experts] scores) are reported apart, per token.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -202,6 +208,87 @@ def count_layer_ops(gate: str, tokens: int, d: int, d_ff: int, experts: int, gem
     }
 
 
+@dataclass(frozen=True)
+class Saved:
+    """One tensor a forward saved for backward: where (``router``, or ``after`` it), its shape and dtype, and its
+    storage (views of one storage count once)."""
+
+    phase: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    storage: int
+    nbytes: int
+
+
+def saved_for_backward(layer: MoELayer, x: torch.Tensor) -> tuple[list[Saved], object]:
+    """Every activation one training forward of ``layer`` saves for backward (not its parameters, not ``x``), and
+    what the forward returned (kept alive, so the saved tensors are too)."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    skip = params | {x.untyped_storage().data_ptr()}
+    phase = ["after"]
+    saved: list[Saved] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip and storage.nbytes():
+            saved.append(Saved(phase[0], tuple(t.shape), t.dtype, storage.data_ptr(), storage.nbytes()))
+        return t
+
+    def enter(*_):
+        phase[0] = "router"
+
+    def leave(*_):
+        phase[0] = "after"
+
+    hooks = [layer.router.register_forward_pre_hook(enter), layer.router.register_forward_hook(leave)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = layer(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return saved, out
+
+
+def unique_bytes(saved: list[Saved]) -> int:
+    return sum({s.storage: s.nbytes for s in saved}.values())
+
+
+def floor_bytes_per_row(layer: MoELayer, dtype: torch.dtype) -> int:
+    """What the expert GEMMs' backward needs per routed row: its input (d), its pre-activation (d_ff; two for a gated
+    activation) and its activation output (d_ff), in the rows' dtype."""
+    bank = layer.experts
+    gated = bank.w_gate is not None
+    return (bank.d_model + (3 if gated else 2) * bank.d_ff) * torch.finfo(dtype).bits // 8
+
+
+def measure_memory(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation: str, gemm: str) -> dict:
+    torch.manual_seed(0)
+    layer = MoELayer(d, d_ff, experts, router=GATES[gate], activation=activation, gemm=gemm, seed=1).train()
+    x = torch.randn(tokens, d, requires_grad=True)
+    saved, (_, aux) = saved_for_backward(layer, x)
+    rows = aux.traffic.rows_computed
+    after = [s for s in saved if s.phase == "after"]
+    router = [s for s in saved if s.phase == "router"]
+    per_row = unique_bytes(after) / max(rows, 1)
+    floor = floor_bytes_per_row(layer, x.dtype)
+    return {
+        "gate": gate,
+        "gemm": gemm,
+        "activation": activation,
+        "experts": experts,
+        "d_model": d,
+        "d_ff": d_ff,
+        "tokens": tokens,
+        "rows": rows,
+        "saved_bytes_per_row": per_row,
+        "floor_bytes_per_row": floor,
+        "saved_over_floor": per_row / floor,
+        "router_bytes_per_token": unique_bytes(router) / max(tokens, 1),
+        "largest_after_router": str(max(after, key=lambda s: s.nbytes).shape) if after else "-",
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks layer", description=__doc__)
     p.add_argument("--tokens", type=int, default=4096)
@@ -218,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--ops-tokens", type=int, default=512, help="tokens for --ops (only the CPU combine's chunks depend on them)"
     )
+    p.add_argument("--memory", action="store_true", help="activation bytes saved for backward instead of timing")
     p.add_argument("--json", default=None, help="also write the JSON document here")
     a = p.parse_args(argv)
     threads = a.threads or (1 if a.sweep else None)
@@ -234,6 +322,28 @@ def main(argv: list[str] | None = None) -> None:
         columns = ["gate", "gemm", "experts", "tokens", "ops", "ops_gpu_path", "syncs_gpu_path", "top_ops_gpu_path"]
         meta = {"threads": torch.get_num_threads(), "counted": "aten ops, one training forward+backward"}
         emit("layer_ops", rows, columns, meta, a.json)
+        return
+    if a.memory:
+        gemms = available_gemms(a.d_model, a.d_ff)
+        rows = [
+            measure_memory(g, a.tokens, a.d_model, a.d_ff, e, a.activation, gemm)
+            for g in a.gates.split(",")
+            for e in OPS_EXPERTS
+            for gemm in gemms
+        ]
+        columns = [
+            "gate",
+            "gemm",
+            "experts",
+            "rows",
+            "saved_bytes_per_row",
+            "floor_bytes_per_row",
+            "saved_over_floor",
+            "router_bytes_per_token",
+            "largest_after_router",
+        ]
+        meta = {"threads": torch.get_num_threads(), "dtype": "float32", "measured": "saved_tensors_hooks, one forward"}
+        emit("layer_memory", rows, columns, meta, a.json)
         return
     if a.sweep:
         rows = [measure("top2", a.tokens, d, f, e, a.activation, a.repeats, a.gemm) for e, d, f in sweep_shapes()]

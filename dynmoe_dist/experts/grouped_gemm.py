@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .activations import GATED, PLAIN
+from .activations import DERIVATIVES, GATE_OF, PLAIN
 
 ALIGN_BYTES = 16  # the CUDA kernels read rows of K and N elements in 16-byte vectors
 
@@ -46,6 +46,25 @@ class ZeroEmptyGroups(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
         (empty,) = ctx.saved_tensors
         return grad.masked_fill(empty.view(-1, *([1] * (grad.dim() - 1))), 0), None
+
+
+class GatedProduct(torch.autograd.Function):
+    """act(g) * h, keeping only g and h for backward: act(g) is recomputed there. As autograd ops the product would
+    also keep act(g), one [rows, d_ff] more per layer than the backward needs; the arithmetic is autograd's."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:  # noqa: D102
+        ctx.save_for_backward(g, h)
+        ctx.name = name
+        return PLAIN[name](g) * h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        g, h = ctx.saved_tensors
+        need_g, need_h = ctx.needs_input_grad[:2]
+        dh = PLAIN[ctx.name](g).mul_(grad) if need_h else None
+        dg = DERIVATIVES[ctx.name](grad * h, g) if need_g else None
+        return dg, dh, None
 
 
 def grouped_gemm_ffn(
@@ -78,5 +97,8 @@ def grouped_gemm_ffn(
         return y if b is None else y + b.index_select(0, slot_of_row)  # no rows, no bias gradient
 
     h = linear(x, w_in, b_in)
-    h = GATED[activation](linear(x, w_gate, b_gate)) * h if activation in GATED else PLAIN[activation](h)
+    if activation in GATE_OF:
+        h = GatedProduct.apply(linear(x, w_gate, b_gate), h, GATE_OF[activation])
+    else:
+        h = PLAIN[activation](h)
     return linear(h, w_out, b_out)

@@ -1,0 +1,47 @@
+"""Activation memory the layer saves for backward (issue 29, point 3), measured as ``bench layer --memory`` does it.
+
+Past the router nothing is sized by experts x capacity or tokens x experts: no [E, capacity, d] buffer and no
+[tokens, E] float tensor is saved for backward or returned, and the bytes saved per routed row are the floor (what
+the expert GEMMs' backward needs: each row's input, pre-activation and activation output) plus one row of the expert
+output (the combine's weight gradient reads it), the row's token, its place in the sort and its combine weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from benchmarks.layer import GATES, floor_bytes_per_row, saved_for_backward, unique_bytes
+from dynmoe_dist import MoELayer
+
+S, D, D_FF, E = 64, 16, 32, 8
+
+
+@pytest.mark.parametrize("gemm", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("gate", ["top2", "top_any"])
+def test_nothing_past_the_router_is_sized_by_experts_and_rows_cost_the_floor(gate, activation, gemm):
+    torch.manual_seed(0)
+    layer = MoELayer(D, D_FF, E, router=GATES[gate], activation=activation, gemm=gemm, seed=1).train()
+    x = torch.randn(S, D, requires_grad=True)
+    saved, (y, aux) = saved_for_backward(layer, x)
+    after = [s for s in saved if s.phase == "after"]
+    assert after and any(s.phase == "router" for s in saved)
+    for s in after:
+        assert not (s.dtype.is_floating_point and s.shape == (S, E)), f"a [tokens, experts] float saved: {s}"
+        assert not (len(s.shape) == 3 and s.shape[0] == E and s.shape[-1] == D), f"an [E, capacity, d] buffer: {s}"
+    # what the forward returns: nothing [tokens, experts] either
+    returned = [aux.loss, *aux.losses.values()]
+    returned += [v for v in dataclasses.asdict(aux.stats).values() if isinstance(v, torch.Tensor)]
+    assert all(t.shape != (S, E) for t in returned)
+
+    rows = aux.traffic.rows_computed
+    per_row = unique_bytes(after) / rows
+    floor = floor_bytes_per_row(layer, x.dtype)
+    # the floor, one expert output row (D floats), the row's token and sort position (int64), its weight (float32);
+    # per expert a few numbers (the grouped GEMM's offsets and empty-group mask)
+    assert floor <= per_row <= floor + D * 4 + 8 + 8 + 4 + 64 * E / rows, (per_row, floor)
+    y.sum().backward()  # the graph the hooks saw is whole
+    assert x.grad is not None
