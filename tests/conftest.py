@@ -1,6 +1,6 @@
 """Shared fixtures and plain reference gates for the single-process MoE tests.
 
-The reference gates (``ref``) restate docs/ALGORITHMS.md sections 1-2 as per-token loops over Python lists and scalar torch
+The reference gates (``ref``) restate docs/ALGORITHMS.md sections 1-2 as per-token loops over Python lists and scalar
 ops: no call into dynmoe_dist. They are differentiable with respect to the tensors passed in, so the layer tests can
 compare gradients as well as outputs.
 """
