@@ -6,6 +6,9 @@
   layer's do (so oneDNN pays for the kernels of new shapes where the row padding does not spare them).
 
 Both must agree to float32 rounding before anything is timed. ``onednn / aten`` below 1.0 is time saved.
+
+Last, per shape, what ``gemm="auto"`` runs float32 experts of that shape class on at these threads, and why: the
+CPU's vector extension, the library's own probe's ratio and the margin it had to beat (experts/cpu_gemm.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import argparse
 import torch
 
 from dynmoe_dist.experts import ExpertBank
-from dynmoe_dist.experts.cpu_gemm import ATEN, ONEDNN, onednn_usable
+from dynmoe_dist.experts.cpu_gemm import ATEN, ONEDNN, auto_choice, onednn_usable, shape_class
 
 from .report import emit
 from .timing import interleaved_medians
@@ -111,9 +114,16 @@ def main(argv: list[str] | None = None) -> None:
             | {"d_ff": d_ff, "onednn_ms": t["onednn"] * 1e3, "aten_ms": t["aten"] * 1e3}
             | {"onednn_over_aten": t["onednn"] / t["aten"], "rel_diff": diff}
         )
+    for d, d_ff in shapes:
+        choice = auto_choice(*shape_class(d, d_ff), torch.get_num_threads())
+        rows.append(
+            {"case": "auto's choice", "op": choice.kernel.name, "rows": "probe", "d": d, "d_ff": d_ff}
+            | {"onednn_over_aten": choice.ratio, "capability": choice.capability, "margin": choice.margin}
+            | {"reason": choice.reason}
+        )
     meta = {"threads": a.threads, "dtype": "float32"}
     columns = ["case", "op", "rows", "d", "d_ff", "onednn_ms", "aten_ms", "onednn_gflops", "aten_gflops"]
-    emit("cpu_gemm", rows, [*columns, "onednn_over_aten", "rel_diff"], meta, a.json)
+    emit("cpu_gemm", rows, [*columns, "onednn_over_aten", "rel_diff", "capability", "margin"], meta, a.json)
 
 
 if __name__ == "__main__":

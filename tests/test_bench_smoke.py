@@ -58,8 +58,11 @@ def test_bench_cpu_gemm_times_every_product_and_the_ffn(tmp_path):
     out = tmp_path / "cpu_gemm.json"
     cpu_gemm.main(["--shape", "16,32", "--rows", "8", "--repeats", "1", "--json", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert [r["case"] for r in rows] == ["product"] * 6 + ["ffn fwd+bwd, new sizes per call"]
-    assert all(r["rel_diff"] <= 1e-5 and r["onednn_ms"] > 0 and r["aten_ms"] > 0 for r in rows)
+    assert [r["case"] for r in rows] == ["product"] * 6 + ["ffn fwd+bwd, new sizes per call", "auto's choice"]
+    assert all(r["rel_diff"] <= 1e-5 and r["onednn_ms"] > 0 and r["aten_ms"] > 0 for r in rows[:-1])
+    choice = rows[-1]  # what gemm="auto" runs this shape class on, and the probe's figures behind it
+    assert choice["op"] in ("aten", "onednn") and choice["capability"] and 0 < choice["margin"] < 1
+    assert (choice["op"] == "onednn") == (choice["onednn_over_aten"] <= choice["margin"])
 
 
 def test_bench_expert_parallel_runs_with_shared_experts(capsys):

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import platform
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dynmoe_dist import MoELayer
 from dynmoe_dist.errors import ConfigError
-from dynmoe_dist.experts import ExpertBank, grouped
+from dynmoe_dist.experts import ExpertBank, cpu_gemm, grouped
 from dynmoe_dist.experts.cpu_gemm import ATEN, ONEDNN, Gemm, onednn_usable
 from dynmoe_dist.experts.grouped import ACTIVATIONS, cpu_kernel
 from dynmoe_dist.experts.segment_ffn import pad_segments
@@ -150,14 +151,80 @@ def test_grouped_ffn_on_onednn_is_as_accurate_as_aten_against_float64(activation
     assert not {50, 2, 91} & set(counting.rows_seen)
 
 
-def test_auto_picks_onednn_for_float32_on_cpu_and_aten_otherwise():
+@pytest.fixture
+def probe(monkeypatch):
+    """``probe.ratio = r``: the probe measures oneDNN at r times aten's time (no timing); the cached choices are
+    dropped before and after."""
+    state = SimpleNamespace(ratio=1.0, calls=0)
+
+    def fake(d, d_ff, *args, **kwargs):
+        state.calls += 1
+        return state.ratio
+
+    monkeypatch.setattr(cpu_gemm, "probe_ratio", fake)
+    cpu_gemm.auto_choice.cache_clear()
+    yield state
+    cpu_gemm.auto_choice.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "ratio,capability,expected",
+    [
+        (0.5, "AVX2", ONEDNN),
+        (0.85, "AVX2", ATEN),
+        (1.2, "AVX2", ATEN),
+        (0.85, "AVX512", ONEDNN),
+        (0.95, "AVX512", ATEN),
+    ],
+)
+def test_auto_takes_the_kernel_the_probe_measured_faster_by_the_cpus_margin(
+    probe, monkeypatch, ratio, capability, expected
+):
+    monkeypatch.setattr(cpu_gemm, "cpu_capability", lambda: capability)
+    probe.ratio = ratio
     x = torch.zeros(4, 4)
-    assert cpu_kernel("auto", x) is ONEDNN
+    assert cpu_kernel("auto", x, 16) is expected
     assert cpu_kernel("onednn", x) is ONEDNN
     assert cpu_kernel("loop", x) is ATEN
-    assert cpu_kernel("auto", x.double()) is ATEN
+    assert cpu_kernel("auto", x.double()) is ATEN  # oneDNN serves float32 only: not even probed
     with mkldnn_disabled():
-        assert cpu_kernel("auto", x) is ATEN
+        assert cpu_kernel("auto", x, 16) is ATEN
+    # one probe per shape class and thread count, cached
+    cpu_kernel("auto", torch.zeros(3, 3), 15)
+    assert probe.calls == 1
+    cpu_kernel("auto", torch.zeros(3, 5), 16)
+    assert probe.calls == 2
+
+
+def test_the_rule_never_takes_onednn_unmeasured_or_not_clearly_faster():
+    assert cpu_gemm.decide("AVX512", None).kernel is ATEN
+    for capability in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR"):
+        margin = cpu_gemm.margin_for(capability)
+        assert margin < 1.0
+        assert cpu_gemm.decide(capability, margin).kernel is ONEDNN
+        assert cpu_gemm.decide(capability, margin + 1e-6).kernel is ATEN
+        assert cpu_gemm.decide(capability, 1.0).kernel is ATEN
+    assert cpu_gemm.margin_for("AVX2") < cpu_gemm.margin_for("AVX512")  # stricter where oneDNN is not expected to win
+
+
+def test_the_probe_takes_the_median_of_interleaved_rounds():
+    """Each run reads the clock twice; scripted durations: oneDNN half of aten's but one round disturbed (a loaded
+    machine): the median holds."""
+    durations = [9.0, 9.0]  # warm-up: oneDNN, aten
+    rounds = [(1.0, 2.0), (1.0, 2.0), (7.0, 1.0), (1.1, 2.0), (1.0, 2.2), (0.9, 2.0), (1.0, 2.0)]
+    for onednn, aten in rounds:
+        durations += [onednn, aten]
+    ticks = [0.0]
+    for d in durations:
+        ticks += [ticks[-1], ticks[-1] + d]
+    clock = iter(ticks[1:]).__next__
+    assert cpu_gemm.probe_ratio(8, 16, rounds=len(rounds), clock=clock) == pytest.approx(0.5)
+
+
+def test_shape_classes_are_powers_of_two():
+    assert cpu_gemm.shape_class(256, 1024) == (256, 1024)
+    assert cpu_gemm.shape_class(384, 768) == (512, 1024)
+    assert cpu_gemm.shape_class(1, 3) == (1, 4)
 
 
 def test_onednn_asked_for_where_it_cannot_serve_names_the_fix():

@@ -1,11 +1,17 @@
 """The expert FFN's matrix products on CPU: aten's ``mm`` or oneDNN's fp32 GEMM, behind one small interface.
 
 Why: on CPU, torch sends a float32 ``mm`` to MKL, and MKL runs AVX2 kernels on AMD processors. oneDNN, also inside
-every x86 torch build, runs AVX-512 there. Measured on one core of the development machine (AMD EPYC, AVX-512,
-torch 2.13.0), float32, at the expert FFN's shapes (d 256 and 1024, d_ff 4d, 256-2048 rows): aten ``mm`` 93-113
-GFLOP/s, oneDNN 159-250 GFLOP/s in each of the FFN's six products, forward and backward (``python -m benchmarks
-cpu_gemm``). torch only uses oneDNN for float32 matmuls when told it may round to bf16 or tf32; here the arithmetic
-stays float32 (relative differences from aten's ``mm`` of about 1e-6, the size of any change in summation order).
+every x86 torch build, runs AVX-512 there, where the CPU has it: on such a CPU it took about half of aten's time per
+product; on a CPU without AVX-512 it was no faster, often slower (docs/BENCHMARKS.md, cpu_gemm). torch only uses
+oneDNN for float32 matmuls when told it may round to bf16 or tf32; here the arithmetic stays float32 (relative
+differences from aten's ``mm`` of about 1e-6, the size of any change in summation order).
+
+``gemm="auto"`` therefore decides per CPU, per shape class and per thread count (``auto_choice``; the margins moved
+with the threads too): a short probe times both kernels on the FFN's products at that shape class, interleaved, and
+oneDNN is taken only when its median time is at most a margin of aten's: ``MARGINS["avx512"]`` on a CPU with AVX-512
+(where oneDNN is expected to win), the stricter ``MARGINS["other"]`` elsewhere (where it is expected not to). Noise
+on a loaded machine must not flip the choice toward the kernel that pads rows and builds a kernel per shape. The
+decision is cached per process; ``python -m benchmarks cpu_gemm`` reports it.
 
 The kernel is ``torch.ops.mkldnn._linear_pointwise`` (``y = x @ w.T + b``, the op torch's own compiler emits for CPU
 linear layers), a private op: ``onednn_usable`` checks once that it exists and agrees with ``mm`` before any layer
@@ -16,6 +22,9 @@ False``, other dtypes and devices).
 from __future__ import annotations
 
 import functools
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,3 +95,88 @@ def _onednn_works() -> bool:
 def onednn_usable(x: torch.Tensor) -> bool:
     """oneDNN serves these rows: float32 on CPU, oneDNN enabled (``torch.backends.mkldnn``) and working."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled and _onednn_works()
+
+
+# auto takes oneDNN only where its median probe time is at most this share of aten's (module docstring)
+MARGINS = {"avx512": 0.9, "other": 0.8}
+PROBE_ROUNDS = 7  # interleaved rounds; the median of their ratios decides
+PROBE_FLOPS = 1 << 27  # per product: rows = this / (2 d d_ff), 128 to 256 (a dropless layer's segment sizes)
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``gemm="auto"`` runs float32 CPU experts of one shape class on, and why."""
+
+    kernel: Gemm
+    capability: str  # torch.backends.cpu.get_cpu_capability(): the widest vector extension ATen uses here
+    ratio: float | None  # oneDNN's median time over aten's in the probe (None: not probed)
+    margin: float  # the ratio at or below which oneDNN is taken, for this capability
+    reason: str
+
+
+def shape_class(d: int, d_ff: int) -> tuple[int, int]:
+    """The FFN's (d, d_ff) rounded up to powers of two: kernels behave alike within a class, so one probe serves it."""
+    return 1 << max(d - 1, 0).bit_length(), 1 << max(d_ff - 1, 0).bit_length()
+
+
+def cpu_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def margin_for(capability: str) -> float:
+    return MARGINS["avx512" if "AVX512" in capability.upper() else "other"]
+
+
+def decide(capability: str, ratio: float | None) -> AutoChoice:
+    """The rule, apart from any measurement (tests give it timings): oneDNN only where the probe measured it faster
+    by the capability's margin; aten's otherwise, and where nothing was measured."""
+    margin = margin_for(capability)
+    if ratio is None:
+        return AutoChoice(ATEN, capability, ratio, margin, "not probed (oneDNN does not serve float32 here)")
+    kernel = ONEDNN if ratio <= margin else ATEN
+    sign = "<=" if kernel is ONEDNN else ">"
+    return AutoChoice(kernel, capability, ratio, margin, f"oneDNN took {ratio:.2f} of aten's time ({sign} {margin})")
+
+
+def probe_products(d: int, d_ff: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(a, b) of the FFN's products as the segment loop passes them: forward into d_ff and back, and a weight
+    gradient (a transposed operand); rows sized so that a probe costs about the same at every shape."""
+    rows = min(max(PROBE_FLOPS // (2 * d * d_ff), 128), 256)
+    g = torch.Generator().manual_seed(0)
+    x, h = torch.randn(rows, d, generator=g), torch.randn(rows, d_ff, generator=g)
+    w_in, w_out = torch.randn(d, d_ff, generator=g), torch.randn(d_ff, d, generator=g)
+    return [(x, w_in), (h, w_out), (x.t(), h)]
+
+
+def probe_ratio(d: int, d_ff: int, rounds: int = PROBE_ROUNDS, clock: Callable[[], float] = time.perf_counter) -> float:
+    """oneDNN's time over aten's for the probe's products, the median over interleaved rounds (each round times both
+    kernels back to back, so both see the same load)."""
+    products = probe_products(d, d_ff)
+
+    def run(kernel: Gemm) -> float:
+        t0 = clock()
+        for a, b in products:
+            kernel.mm(a, b)
+        return clock() - t0
+
+    run(ONEDNN), run(ATEN)  # warm-up: oneDNN builds its kernels for these shapes
+    ratios = []
+    for _ in range(rounds):
+        onednn, aten = run(ONEDNN), run(ATEN)
+        ratios.append(onednn / max(aten, 1e-12))
+    return statistics.median(ratios)
+
+
+@functools.cache
+def auto_choice(d_class: int, d_ff_class: int, threads: int) -> AutoChoice:
+    """The kernel ``auto`` runs this shape class on at this many threads, decided once per process (measured at
+    the current thread count, which ``threads`` names)."""
+    ratio = probe_ratio(d_class, d_ff_class) if _onednn_works() else None
+    return decide(cpu_capability(), ratio)
+
+
+def auto_kernel(x: torch.Tensor, d: int, d_ff: int) -> Gemm:
+    """``gemm="auto"``'s kernel for rows ``x`` of an FFN (d, d_ff): aten's unless oneDNN serves them and was chosen."""
+    if not onednn_usable(x):
+        return ATEN
+    return auto_choice(*shape_class(d, d_ff), torch.get_num_threads()).kernel

@@ -4,9 +4,11 @@ Rows arrive as contiguous segments, each tagged with its local expert slot (one 
 per (source rank, expert) after an all-to-all). No padding, no [E, capacity, d] buffer: cost is proportional to the
 number of rows, whatever their split. Three ways to compute, the same function (``gemm``):
 - ``loop``: one autograd function over the segments (segment_ffn.py), aten's ``mm``; any device and dtype;
-- ``onednn``: the same loop with oneDNN's GEMMs (cpu_gemm.py), float32 on CPU, about twice aten's speed on AMD CPUs;
+- ``onednn``: the same loop with oneDNN's GEMMs (cpu_gemm.py), float32 on CPU, faster than aten's on CPUs with
+  AVX-512 whose ``mm`` runs AVX2 (AMD's);
 - ``grouped_mm``: one grouped GEMM per weight for all experts (grouped_gemm.py), CUDA bf16 on SM80+;
-- ``auto`` (the default): ``grouped_mm`` where the CUDA kernel serves the rows, ``onednn`` where oneDNN does,
+- ``auto`` (the default): ``grouped_mm`` where the CUDA kernel serves the rows; on CPU, ``onednn`` where oneDNN
+  serves the rows and was measured clearly faster for the FFN's shape class on this CPU (``cpu_gemm.auto_choice``),
   otherwise ``loop``.
 ``expert_ffn`` is the plain one-expert form, the reference both are tested against.
 """
@@ -19,7 +21,7 @@ import torch
 
 from ..errors import ConfigError, ShapeError
 from .activations import ACTIVATIONS, GATED, PLAIN
-from .cpu_gemm import ATEN, ONEDNN, Gemm, onednn_usable
+from .cpu_gemm import ATEN, ONEDNN, Gemm, auto_kernel, onednn_usable
 from .grouped_gemm import grouped_gemm_available, grouped_gemm_ffn
 from .segment_ffn import GroupedFFN, merge_by_slot
 
@@ -49,8 +51,9 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def cpu_kernel(gemm: str, x: torch.Tensor) -> Gemm:
-    """The matrix products of the segment loop: oneDNN's where asked for or (``auto``) where it serves, else aten's."""
+def cpu_kernel(gemm: str, x: torch.Tensor, d_ff: int | None = None) -> Gemm:
+    """The matrix products of the segment loop: oneDNN's where asked for or (``auto``) where it serves and was
+    measured faster for this FFN's shape class (``d_ff``: its hidden size; None: rows' width), else aten's."""
     if gemm == "onednn" and not onednn_usable(x):
         raise ConfigError(
             "expert gemm",
@@ -58,7 +61,9 @@ def cpu_kernel(gemm: str, x: torch.Tensor) -> Gemm:
             "float32 rows on a CPU whose torch build has oneDNN (torch.backends.mkldnn) enabled; "
             "gemm='auto' picks it where it serves",
         )
-    return ONEDNN if gemm == "onednn" or (gemm == "auto" and onednn_usable(x)) else ATEN
+    if gemm == "onednn":
+        return ONEDNN
+    return auto_kernel(x, x.shape[-1], d_ff or x.shape[-1]) if gemm == "auto" else ATEN
 
 
 def uses_grouped_mm(gemm: str, rows: torch.Tensor, w_in: torch.Tensor) -> bool:
@@ -120,5 +125,5 @@ def grouped_ffn(
             counts[slot] = n
         y = grouped_gemm_ffn(x, counts, activation, *weights)
     else:
-        y = GroupedFFN.apply(x, merged, activation, cpu_kernel(gemm, x), *weights)
+        y = GroupedFFN.apply(x, merged, activation, cpu_kernel(gemm, x, w_in.shape[2]), *weights)
     return y if perm is None else torch.empty_like(y).index_copy_(0, perm, y)  # back to the callers' row order
