@@ -116,3 +116,21 @@ def logits_and_embedding_grad(model, ids: torch.Tensor) -> tuple[torch.Tensor, t
     weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
     (logits * weights).sum().backward()
     return logits.detach(), embeds.grad
+
+
+def save_tokenizer(folder: Path, lines: list[str], vocab: int = VOCAB) -> int:
+    """A BPE tokenizer of ``vocab`` tokens (characters it never saw are ``<unk>``) trained on ``lines``, saved into
+    ``folder`` as ``PreTrainedTokenizerFast`` (what ``AutoTokenizer`` loads back); returns its size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=special, limit_alphabet=40, show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(folder)
+    return len(fast)

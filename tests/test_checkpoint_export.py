@@ -63,7 +63,13 @@ def test_export_holds_every_expert_and_computes_like_the_checkpoint(checkpoint: 
 def test_cli_and_model_from_export(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.safetensors"
     proc = subprocess.run(
-        [sys.executable, "-m", "dynmoe_dist.checkpoint.export", str(checkpoint), str(out)],
+        [
+            sys.executable,
+            "-c",
+            "from dynmoe_dist.cli import export; export()",
+            str(checkpoint),
+            str(out),
+        ],  # dynmoe-export
         capture_output=True,
         text=True,
         timeout=120,

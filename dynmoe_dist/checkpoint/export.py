@@ -5,11 +5,13 @@ and stacked experts in router-position order with their ``expert_ids``. The reso
 file's metadata (the application's ``model_from_export`` rebuilds its model from them); ``load_exported`` resizes each
 MoE layer to the exported expert set before ``load_state_dict``. Optimizer state stays in the checkpoint: this is
 for evaluation and inference.
+
+The command line is ``dynmoe-export`` (dynmoe_dist/cli.py); its ``--hf`` form, for a ``model=hf`` run, writes a
+folder transformers loads instead (train/hf_model.py rebuilds the run's model, ``dynmoe_dist.hf.export`` writes it).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -111,24 +113,3 @@ def load_exported(path: Path, model: nn.Module) -> nn.Module:
             adopt_experts(m, meta["layers"][m.name])
     model.load_state_dict(state, strict=True)
     return model
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="dynmoe-export", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    p.add_argument("checkpoint", type=Path, help="a checkpoint folder, a checkpoints folder, or a run folder")
-    p.add_argument("out", type=Path, help="the .safetensors file to write")
-    a = p.parse_args(argv)
-    try:
-        out = export(a.checkpoint, a.out)
-    except CheckpointError as exc:
-        raise SystemExit(f"dynmoe-export: {exc}") from None
-    with safe_open(str(out), "pt") as f:
-        layers = json.loads(f.metadata()["layers"])
-    experts = ", ".join(f"{name}: {len(ids)}" for name, ids in layers.items())
-    print(f"exported {resolve(a.checkpoint)} -> {out} ({out.stat().st_size / 1e6:.1f} MB; experts {experts})")
-
-
-if __name__ == "__main__":
-    main()

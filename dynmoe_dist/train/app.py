@@ -39,9 +39,11 @@ def setup_logging(rank: int) -> None:
 
 
 def run(cfg: DictConfig) -> None:
+    from .preempt import Preemption
+
+    preemption = Preemption().install()  # first: a SIGTERM during start-up is then seen at the first step
 
     from .config import TrainConfig, check_config, ep_size_for
-    from .data import load_corpus
 
     try:
         env = detect_env()
@@ -54,7 +56,7 @@ def run(cfg: DictConfig) -> None:
         fail(f"{exc.full_key} has no value (??? in its preset); set it, e.g. {exc.full_key}=<value>", env.rank)
     try:
         check_config(tc, env.world_size, env.launcher)
-        corpus = load_corpus(tc.data)
+        corpus, folder = prepare_data(tc)
         device = pick_device(tc.parallel.device, env.local_rank)
     except DynMoEError as exc:
         fail(str(exc), env.rank)
@@ -68,6 +70,16 @@ def run(cfg: DictConfig) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     env = init_distributed(timeout_s=tc.parallel.timeout_s, backend=backend, env=env)
     groups = build_groups(ep_size_for(tc, env.world_size))
+    if corpus is None:  # the model's tokenizer: rank 0 finds or writes the token cache, the others wait for it
+        try:
+            from .tokens import tokenized_corpus
+
+            corpus = tokenized_corpus(tc, env.rank, groups)
+        except DynMoEError as exc:
+            shutdown()
+            fail(str(exc), env.rank)
+    if folder is not None:
+        log.info("model: %s (%s, %s)", folder.path, folder.model_type, folder.workflow)
     path = Path(tc.out_dir) / tc.name
     start = agree_start(tc, path, env.rank, groups)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -81,6 +93,7 @@ def run(cfg: DictConfig) -> None:
         log.info("resumed from %s (step %d, saved on %d ranks)", start, manifest.step, manifest.world_size)
     sink = open_run_folder(cfg, tc, path, env.rank, trainer.state.step if start is not None else None)
     trainer.sink = sink
+    trainer.preemption = preemption
     stopped = ""
     try:
         log.info(
@@ -105,11 +118,59 @@ def run(cfg: DictConfig) -> None:
         stopped = str(exc)
     finally:
         lines = sink.close() if sink is not None else []
+    if trainer.preempted:  # said before the last barrier: a launcher may kill the ranks once one has exited
+        say_preempted(trainer, preemption, env.rank)
     shutdown()
     for line in lines:
         print(line, flush=True)
     if stopped:
         fail(stopped, env.rank)
+    if trainer.preempted:
+        exit_preempted()
+
+
+def say_preempted(trainer, preemption, rank: int) -> None:
+    """Rank 0 says which signal stopped the run, where its checkpoint is and the exit status that follows."""
+    from .preempt import PREEMPTED
+
+    if rank == 0:
+        signals = ", ".join(sorted(set(preemption.received))) or "a signal on another rank"
+        print(
+            f"dynmoe-train: preempted ({signals}) at step {trainer.state.step}: checkpoint "
+            f"{trainer.checkpoint_root}/step_{trainer.state.step:06d} written; exiting with status {PREEMPTED} "
+            "(requeue the job: resume=auto continues from it)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def exit_preempted() -> None:
+    """Exit with PREEMPTED: the scheduler (or launch/slurm.sbatch) requeues the job, and the next launch resumes from
+    the checkpoint just written (resume=auto)."""
+    import signal
+
+    from .preempt import PREEMPTED, SIGNALS
+
+    for sig in SIGNALS:  # more signals while the interpreter exits must not turn this exit into a kill
+        signal.signal(sig, signal.SIG_IGN)
+    raise SystemExit(PREEMPTED)
+
+
+def prepare_data(tc):
+    """(the corpus, or None where the model's tokenizer makes it after the process group starts; the model folder's
+    description with model=hf): everything a rank can check alone, before any collective."""
+    from .data import load_corpus
+    from .tokens import source_fingerprint, uses_model_tokenizer
+
+    folder = None
+    if tc.model.kind == "hf":
+        from .hf_model import inspect_folder
+
+        folder = inspect_folder(tc)
+    if uses_model_tokenizer(tc):
+        source_fingerprint(tc)  # a missing or wrong data.path stops here, on every rank
+        return None, folder
+    return load_corpus(tc.data), folder
 
 
 def agree_start(tc, path: Path, rank: int, groups) -> Path | None:

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING
-
 from ..adapt import AdaptConfig, PolicyConfig
 from ..dispatch.shadow import SHADOW_MIN_ROWS
 from ..errors import ConfigError, check
@@ -57,24 +55,44 @@ def _router_options() -> type:
 RouterOptions = _router_options()
 
 
+# moe=family: a converted model=hf keeps its family's own routing rule (hf.families.family_router)
+FAMILY = "family"
+
+
 def gates_with(option: str) -> list[str]:
     return sorted(kind for kind, cls in CONFIGS.items() if option in {f.name for f in dataclasses.fields(cls)})
 
 
 @dataclass
-class ModelConfig:
-    """Decoder-only transformer: pre-norm blocks, tied embeddings; every ``moe_every``-th block has an MoE layer."""
+class UpcycleSettings:
+    """``model=hf``: a dense Llama, Mistral, Qwen2 or Qwen3 MLP copied into experts (``dynmoe_dist.hf.upcycle``)."""
 
-    vocab_size: int = 256  # byte-level tokens by default
-    d_model: int = MISSING
-    n_layers: int = MISSING
-    n_heads: int = MISSING
-    d_ff: int = MISSING  # hidden size of the dense blocks' MLP
-    max_seq_len: int = MISSING
+    num_experts: Optional[int] = None  # experts per upcycled layer; None: no upcycling
+    layers: Optional[list[int]] = None  # decoder layer indices to upcycle; None: every layer
+    noise: float = 0.0  # each copy's weights times (1 + noise * N(0, 1))
+    drop: float = 0.0  # Drop-Upcycling: this fraction of each copy's units re-initialised
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer: pre-norm blocks, tied embeddings; every ``moe_every``-th block has an MoE layer.
+    ``kind=hf`` (``model=hf``) trains a transformers model from a local folder instead (train/hf_model.py); the demo's
+    shape keys are then unused, which is why they may be null."""
+
+    vocab_size: int = 256  # byte-level tokens by default (model=hf: the model's own)
+    d_model: Optional[int] = None
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    d_ff: Optional[int] = None  # hidden size of the dense blocks' MLP
+    max_seq_len: Optional[int] = None
     moe_every: int = 2  # blocks 2, 4, ... (1-based) hold an MoE layer; 1: every block
     positions: str = "rotary"  # rotary | learned
     norm: str = "layernorm"  # layernorm | rmsnorm
     dropout: float = 0.0
+    kind: str = "demo"  # demo (the transformer of train/model.py) | hf (a transformers model folder)
+    path: Optional[str] = None  # hf: the local model folder (config.json, weights, tokenizer)
+    convert: bool = False  # hf: convert its MoE blocks; moe=family keeps its routing, any other gate replaces it
+    upcycle: UpcycleSettings = field(default_factory=UpcycleSettings)
 
 
 @dataclass
@@ -162,6 +180,9 @@ class DataConfig:
     global_batch: Optional[int] = None
     val_sequences: int = 64  # validation sequences (over the world), the same set whatever the world size
     seed: int = 1234
+    # auto (model=hf: the model folder's own, else bytes) | bytes | model (the model folder's tokenizer; text, jsonl and
+    # stdlib sources are tokenised once into a memory-mapped file under <out_dir>/tokenized, train/tokens.py)
+    tokenizer: str = "auto"
 
 
 @dataclass
@@ -227,6 +248,8 @@ def register_configs() -> None:
 CHOICES = {
     "model.positions": ("rotary", "learned"),
     "model.norm": ("layernorm", "rmsnorm"),
+    "model.kind": ("demo", "hf"),
+    "data.tokenizer": ("auto", "bytes", "model"),
     "moe.activation": ("gelu", "swiglu"),
     "moe.gemm": GEMMS,
     "adapt.init": ("copy", "random"),
@@ -353,14 +376,12 @@ def check_config(cfg: Any, world_size: int, launcher: str = "single") -> None:
     for key, allowed in CHOICES.items():
         check(_get(cfg, key) in allowed, key, _get(cfg, key), " | ".join(allowed))
     m, moe, a, d = cfg.model, cfg.moe, cfg.adapt, cfg.data
+    if m.kind == "hf":
+        _check_hf_model(cfg)
+    else:
+        _check_demo_model(cfg)
     positive = {
         "steps": cfg.steps,
-        "model.vocab_size": m.vocab_size,
-        "model.d_model": m.d_model,
-        "model.n_layers": m.n_layers,
-        "model.n_heads": m.n_heads,
-        "model.d_ff": m.d_ff,
-        "model.max_seq_len": m.max_seq_len,
         "moe.num_experts": moe.num_experts,
         "data.seq_len": d.seq_len,
         "data.batch_size": d.batch_size,
@@ -372,23 +393,6 @@ def check_config(cfg: Any, world_size: int, launcher: str = "single") -> None:
     }
     for key, value in positive.items():
         check(value > 0, key, value, "a number > 0")
-    check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
-    if m.positions == "rotary":
-        head = m.d_model // m.n_heads
-        check(
-            head % 2 == 0,
-            "model.n_heads",
-            m.n_heads,
-            f"a head size d_model/n_heads that is even for rotary, not {head}",
-        )
-    check(1 <= m.moe_every <= m.n_layers, "model.moe_every", m.moe_every, f"1..model.n_layers={m.n_layers}")
-    check(0 <= m.dropout < 1, "model.dropout", m.dropout, "a probability in [0, 1)")
-    check(
-        d.seq_len <= m.max_seq_len,
-        "data.seq_len",
-        d.seq_len,
-        f"at most model.max_seq_len={m.max_seq_len} (the longest sequence the model's positions cover)",
-    )
     check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a fraction in (0, 1)")
     check(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "steps between checkpoints, 0 for none")
     check(bool(cfg.resume), "resume", cfg.resume, "auto, none, or the path of a checkpoint or run folder")
@@ -426,9 +430,60 @@ def check_config(cfg: Any, world_size: int, launcher: str = "single") -> None:
     check(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", cfg.optim.min_lr_ratio, "a ratio in [0, 1]")
 
 
+def _check_demo_model(cfg: Any) -> None:
+    m, d = cfg.model, cfg.data
+    for key in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        value = getattr(m, key)
+        check(value is not None, f"model.{key}", value, "a value: model=demo, small or tiny sets every model key")
+        check(value > 0, f"model.{key}", value, "a number > 0")
+    check(m.vocab_size > 0, "model.vocab_size", m.vocab_size, "a number > 0")
+    check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
+    if m.positions == "rotary":
+        head = m.d_model // m.n_heads
+        check(
+            head % 2 == 0,
+            "model.n_heads",
+            m.n_heads,
+            f"a head size d_model/n_heads that is even for rotary, not {head}",
+        )
+    check(1 <= m.moe_every <= m.n_layers, "model.moe_every", m.moe_every, f"1..model.n_layers={m.n_layers}")
+    check(0 <= m.dropout < 1, "model.dropout", m.dropout, "a probability in [0, 1)")
+    check(
+        d.seq_len <= m.max_seq_len,
+        "data.seq_len",
+        d.seq_len,
+        f"at most model.max_seq_len={m.max_seq_len} (the longest sequence the model's positions cover)",
+    )
+    check(d.tokenizer != "model", "data.tokenizer", d.tokenizer, "auto or bytes (model: with model=hf, its tokenizer)")
+    check(cfg.moe.router.kind != FAMILY, "moe", FAMILY, "a gate preset (moe=family: a converted model=hf only)")
+
+
+def _check_hf_model(cfg: Any) -> None:
+    """What the config alone says about ``model=hf``; the folder itself is read by ``hf_model.inspect_folder``."""
+    m, u = cfg.model, cfg.model.upcycle
+    check(m.path is not None, "model.path", None, "the local folder of a transformers model (model=hf)")
+    if u.num_experts is not None:
+        check(u.num_experts >= 1, "model.upcycle.num_experts", u.num_experts, "an integer >= 1, or null (no upcycle)")
+        check(
+            not m.convert, "model.convert", True, "false with model.upcycle.num_experts: convert or upcycle, not both"
+        )
+        check(
+            cfg.moe.router.kind != FAMILY,
+            "moe",
+            FAMILY,
+            "a gate for the upcycled experts (e.g. moe=top_any): moe=family keeps a converted MoE model's own routing",
+        )
+    check(u.noise >= 0, "model.upcycle.noise", u.noise, "a scale >= 0 (0: exact copies)")
+    check(0 <= u.drop <= 1, "model.upcycle.drop", u.drop, "a fraction in [0, 1]")
+
+
 def _check_router(moe: Any, a: AdaptSettings) -> None:
     spec = router_spec(moe)
     kind = spec["kind"]
+    if kind == FAMILY:  # a converted model's own top-k rule (model=hf): no options, the model's config sets them
+        extra = sorted(set(spec) - {"kind"})
+        check(not extra, f"moe.router.{extra[0]}" if extra else "moe.router", "set", "unset with moe=family")
+        return
     check(kind in CONFIGS, "moe.router.kind", kind, " | ".join(sorted(CONFIGS)))
     own = {f.name for f in dataclasses.fields(CONFIGS[kind])}
     for option in sorted(set(spec) - own):
@@ -456,7 +511,7 @@ def _check_adapt(cfg: Any, a: AdaptSettings, world_size: int) -> None:
     adapt_config(a)  # its own checks: windows, min <= max, init rule
     n = cfg.moe.num_experts
     check(
-        a.min_experts <= n <= a.max_experts,
+        cfg.model.kind == "hf" or a.min_experts <= n <= a.max_experts,  # hf: the model's counts (hf_model.py)
         "moe.num_experts",
         n,
         f"between adapt.min_experts={a.min_experts} and adapt.max_experts={a.max_experts}",

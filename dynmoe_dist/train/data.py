@@ -74,70 +74,101 @@ def _read(path: Path, what: str) -> bytes:
         ) from None
 
 
-def _split_documents(docs: list[tuple[str, bytes]], fraction: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+def split_documents(
+    docs: list[tuple[str, bytes]], fraction: float, what: str
+) -> tuple[list[bytes], list[bytes]] | None:
+    """(training documents, validation documents) by a hash of each name; None for a single document (which is split
+    by position instead, by whoever holds its tokens)."""
     docs = [(n, b) for n, b in docs if b]
     if not docs:
         raise DataError(f"{what} holds no text (every document is empty); point data.path at non-empty files")
     if len(docs) == 1:
-        data = np.frombuffer(docs[0][1], dtype=np.uint8)
-        cut = len(data) - max(1, int(len(data) * fraction))
-        return data[:cut], data[cut:]
+        return None
     train = [b for n, b in docs if not in_validation(n, fraction)]
     val = [b for n, b in docs if in_validation(n, fraction)]
     if not val:  # few documents: the hash chose none; take the last one so validation exists
         train, val = train[:-1], train[-1:]
     if not train:
         train, val = val[:-1], val[-1:]
+    return train, val
+
+
+def split_tail(tokens: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """One document: its last ``fraction`` (at least one token) is the validation split."""
+    cut = len(tokens) - max(1, int(len(tokens) * fraction))
+    return tokens[:cut], tokens[cut:]
+
+
+def _split_documents(docs: list[tuple[str, bytes]], fraction: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+    parts = split_documents(docs, fraction, what)
+    if parts is None:
+        return split_tail(np.frombuffer(next(b for _, b in docs if b), dtype=np.uint8), fraction)
 
     def join(parts: list[bytes]) -> np.ndarray:
         return np.frombuffer(SEPARATOR.join(parts), dtype=np.uint8)
 
-    return join(train), join(val)
+    return join(parts[0]), join(parts[1])
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-    """Read the configured source and split it; every failure is a ``DataError`` saying what to fix."""
+def source_files(cfg: DataConfig) -> tuple[Path, list[Path]]:
+    """(root, files) of a stdlib, text or jsonl source, refusing a path that is missing or of the wrong kind."""
     if cfg.source == "stdlib":
         root, files = stdlib_files()
         if not files:
             raise DataError(f"no .py files under the standard library at {root}; use data.source=text with data.path")
-        docs = [(p.relative_to(root).as_posix(), _read(p, "standard-library file")) for p in files]
-        train, val = _split_documents(docs, cfg.val_fraction, f"the standard library at {root}")
-        return Corpus(train, val, True, f"Python {sysconfig.get_python_version()} standard library, {len(files)} files")
+        return root, files
     path = Path(str(cfg.path)).expanduser()
     if not path.exists():
         raise DataError(f"data.path={cfg.path} does not exist (data.source={cfg.source}); give an existing path")
+    if cfg.source == "jsonl" and path.is_dir():
+        raise DataError(f"data.path={path} is a folder; data.source=jsonl reads one .jsonl file")
+    if cfg.source == "text" and path.is_dir():
+        files = sorted(p for p in path.rglob(cfg.pattern) if p.is_file())
+        if not files:
+            raise DataError(f"no files matching data.pattern={cfg.pattern!r} under {path}")
+        return path, files
+    return path.parent, [path]
+
+
+def read_documents(cfg: DataConfig) -> tuple[list[tuple[str, bytes]], str]:
+    """(named documents, description) of a stdlib, text or jsonl source."""
+    root, files = source_files(cfg)
+    if cfg.source == "stdlib":
+        docs = [(p.relative_to(root).as_posix(), _read(p, "standard-library file")) for p in files]
+        return docs, f"Python {sysconfig.get_python_version()} standard library, {len(files)} files"
     if cfg.source == "text":
-        if path.is_dir():
-            files = sorted(p for p in path.rglob(cfg.pattern) if p.is_file())
-            if not files:
-                raise DataError(f"no files matching data.pattern={cfg.pattern!r} under {path}")
-            docs = [(p.relative_to(path).as_posix(), _read(p, "text file")) for p in files]
-        else:
-            docs = [(path.name, _read(path, "text file"))]
-        train, val = _split_documents(docs, cfg.val_fraction, str(path))
-        return Corpus(train, val, True, f"text from {path} ({len(docs)} files)")
-    if cfg.source == "jsonl":
-        if path.is_dir():
-            raise DataError(f"data.path={path} is a folder; data.source=jsonl reads one .jsonl file")
-        docs = []
-        for number, line in enumerate(_read(path, "JSON-lines file").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}); one JSON object per line") from None
-            text = record.get(cfg.text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{path}:{number} has no string field {cfg.text_field!r}; set data.text_field to the field that "
-                    "holds the text"
-                )
-            docs.append((f"{path.name}:{number}", text.encode()))
-        train, val = _split_documents(docs, cfg.val_fraction, str(path))
-        return Corpus(train, val, True, f"JSON lines from {path} ({len(docs)} documents)")
-    return _load_bin(path, cfg)
+        docs = [(p.relative_to(root).as_posix(), _read(p, "text file")) for p in files]
+        return docs, f"text from {Path(str(cfg.path)).expanduser()} ({len(docs)} files)"
+    (path,) = files
+    docs = []
+    for number, line in enumerate(_read(path, "JSON-lines file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}); one JSON object per line") from None
+        text = record.get(cfg.text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(
+                f"{path}:{number} has no string field {cfg.text_field!r}; set data.text_field to the field that "
+                "holds the text"
+            )
+        docs.append((f"{path.name}:{number}", text.encode()))
+    return docs, f"JSON lines from {path} ({len(docs)} documents)"
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Read the configured source and split it; every failure is a ``DataError`` saying what to fix."""
+    if cfg.source == "bin":
+        path = Path(str(cfg.path)).expanduser()
+        if not path.exists():
+            raise DataError(f"data.path={cfg.path} does not exist (data.source=bin); give an existing path")
+        return _load_bin(path, cfg)
+    docs, description = read_documents(cfg)
+    where = f"the standard library at {source_files(cfg)[0]}" if cfg.source == "stdlib" else str(cfg.path)
+    train, val = _split_documents(docs, cfg.val_fraction, where)
+    return Corpus(train, val, True, description)
 
 
 def _load_bin(path: Path, cfg: DataConfig) -> Corpus:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..layer import MoEAux, MoELayer
 from ..parallel.groups import ParallelGroups
-from .config import ModelConfig, MoESettings, router_spec
+from .config import ModelConfig, MoESettings, TrainConfig, router_spec
 
 # MoE block factory: (block index, d_model) -> a module called as ``ffn(h, importance=...)`` returning (y, aux) where
 # aux has a ``.loss`` (an MoEAux for dynmoe_dist's layer). The benchmark swaps in DeepSpeed-MoE through it.
@@ -125,6 +125,7 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
         spec = router_spec(moe)
         wants_attention = spec["kind"] == "importance_k"
         if moe_factory is None:
@@ -203,6 +204,15 @@ class Transformer(nn.Module):
         aux = sum((a.loss for a in auxes), task.new_zeros(()))
         info = ForwardInfo(task.detach(), aux.detach(), auxes, targets.numel())
         return task + aux.to(task.dtype), info
+
+
+def build_model(cfg: TrainConfig, groups: ParallelGroups | None, moe_factory: MoEFactory | None = None) -> nn.Module:
+    """The run's model: the demo transformer, or with ``model=hf`` a transformers model (hf_model.py)."""
+    if cfg.model.kind == "hf":
+        from .hf_model import build_hf_model
+
+        return build_hf_model(cfg, groups)
+    return Transformer(cfg.model, cfg.moe, groups, seed=cfg.seed, moe_factory=moe_factory)
 
 
 def moe_auxes(info: ForwardInfo) -> list[MoEAux]:

@@ -30,7 +30,8 @@ from .config import TrainConfig, adapt_config, global_batch_of, micro_batches
 from .data import Corpus, SequenceStream, validation_batches
 from .engines import DeepSpeedEngine, Engine, TorchEngine, deepspeed_config
 from .metrics import MetricsWindow, peak_memory_mb
-from .model import Transformer
+from .model import build_model
+from .preempt import Preemption
 from .progress import Progress
 from .schedule import learning_rate
 from .unrouted import UnroutedWatch
@@ -86,7 +87,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.engine.precision, device)
         self.micro_batches = micro_batches(cfg.data, self.world)  # per optimizer step (gradient accumulation)
         self.global_batch = global_batch_of(cfg.data, self.world)
-        self.model = Transformer(cfg.model, cfg.moe, groups, seed=cfg.seed, moe_factory=moe_factory)
+        self.model = build_model(cfg, groups, moe_factory)  # the demo transformer, or model=hf's
         self.model.to(device)  # fp32 parameters for fp32 and bf16 alike: the engine decides what computes in bf16
         if self.precision == "fp64":
             self.model.double()
@@ -104,16 +105,20 @@ class Trainer:
             self.rank,
             self.world,
             d.seed,
-            cfg.model.vocab_size,
+            self.model.vocab_size,
             global_batch=self.global_batch,
         )
         self.state = TrainState()
-        k_bins = max(cfg.moe.num_experts, cfg.adapt.max_experts if cfg.adapt.enabled else 0) + 1
+        start = max([cfg.moe.num_experts] + [m.num_experts for m in self.model.moe_layers()])
+        k_bins = max(start, cfg.adapt.max_experts if cfg.adapt.enabled else 0) + 1
         self.window = MetricsWindow(self.model.moe_layers(), k_bins, device)
         self.watch = UnroutedWatch([m.name for m in self.model.moe_layers()], device)
         torch.manual_seed(cfg.seed + 1 + self.rank)  # dropout: its own stream per rank
         self.step_seconds: list[float] = []
         self.consecutive_skips = 0
+        self.preemption: Preemption | None = None  # the signals this process watches (the application installs it)
+        self.stop_requested = False  # a rank was signalled: every rank checkpoints after this step and stops
+        self.preempted = False  # fit() ended early for a signal, its checkpoint written
 
     def _engine(self) -> Engine:
         c = self.cfg
@@ -165,7 +170,7 @@ class Trainer:
         aux = infos[0].aux_loss if n == 1 else torch.stack([i.aux_loss for i in infos]).mean()
         tokens_seen = sum(i.tokens for i in infos)
         step = self.state.step + 1
-        bad_ranks = self.agree_nonfinite(float(task) + float(aux), step)
+        bad_ranks, self.stop_requested = self.agree_step(float(task) + float(aux))
         o = self.cfg.optim
         lr = learning_rate(step, o, self.cfg.steps)
         moe_lr = learning_rate(step, o, self.cfg.steps, base=o.moe_lr or o.lr)
@@ -191,14 +196,16 @@ class Trainer:
             for m in self.model.moe_layers()
         ]
 
-    def agree_nonfinite(self, loss: float, step: int) -> list[int]:
-        """The ranks whose loss is NaN or Inf this step, known to every rank (one small all-reduce): a step is
-        skipped everywhere or nowhere."""
-        bad = torch.zeros(self.world, dtype=torch.float64, device=self.device)
-        bad[self.rank] = float(not math.isfinite(loss))
+    def agree_step(self, loss: float) -> tuple[list[int], bool]:
+        """(the ranks whose loss is NaN or Inf, whether any rank was signalled to stop), known to every rank after one
+        small all-reduce: a step is skipped everywhere or nowhere, and every rank stops after the same step."""
+        flags = torch.zeros(self.world + 1, dtype=torch.float64, device=self.device)
+        flags[self.rank] = float(not math.isfinite(loss))
+        flags[self.world] = float(self.preemption is not None and self.preemption.requested)
         if self.groups.world_group is not None:
-            all_reduce(bad, self.groups.world_group, "train.nonfinite")
-        return [r for r, flag in enumerate(bad.tolist()) if flag]
+            all_reduce(flags, self.groups.world_group, "train.step_flags")
+        values = flags.tolist()
+        return [r for r, flag in enumerate(values[: self.world]) if flag], values[self.world] > 0
 
     def skip(self, step: int, bad_ranks: list[int], norm: float, window: list | None) -> StepResult:
         """A skipped step: parameters and optimizer states are as before it, the adaptation window forgets it, the
@@ -227,7 +234,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         batches = validation_batches(
-            self.corpus.val, d.seq_len, d.batch_size, self.rank, self.world, d.val_sequences, self.cfg.model.vocab_size
+            self.corpus.val, d.seq_len, d.batch_size, self.rank, self.world, d.val_sequences, self.model.vocab_size
         )
         for tokens, targets in batches:
             tokens, targets = tokens.to(self.device), targets.to(self.device)
@@ -274,9 +281,20 @@ class Trainer:
                 self.validate(progress)
             if self.checkpoint_root is not None and cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 self.checkpoint(progress)
+            if self.stop_requested and step < cfg.steps:
+                self.stop(progress)
+                return
         if self.checkpoint_root is not None and cfg.checkpoint.every and self.last_checkpoint != self.state.step:
             self.checkpoint(progress)  # the end of the run, so it can be extended with more steps
         self.record_unrouted([], self.watch.close(self.state.step), progress)
+        progress.close()
+
+    def stop(self, progress: Progress) -> None:
+        """A rank was signalled (preemption, a time limit): checkpoint this step, whatever checkpoint.every says, and
+        end ``fit`` early; the application then exits with ``preempt.PREEMPTED``."""
+        if self.checkpoint_root is not None and self.last_checkpoint != self.state.step:
+            self.checkpoint(progress)
+        self.preempted = True
         progress.close()
 
     def checkpoint(self, progress: Progress) -> Path:

@@ -1,0 +1,126 @@
+"""Run a launch and signal or kill its training ranks from outside once the run reaches a step, as a scheduler would.
+
+    python tests/signal_driver.py --metrics RUN/metrics.jsonl --step 5 --signal USR1 --ranks 1 [--repeat TERM] -- CMD...
+
+Starts CMD in its own session, waits until ``metrics.jsonl`` holds a train record at ``--step`` or later (the run logs
+every step), then sends ``--signal`` to the training processes of ``--ranks`` (found among CMD's descendants by their
+command line and their RANK variable). ``--repeat SIG`` then keeps sending SIG to every rank every 50 ms until they are
+gone (a second signal while the checkpoint is written). Prints what it did as ``driver: ...`` lines, and the run's
+``latest`` checkpoint once CMD ended, and exits with CMD's status. Never a mock: the launcher, its ranks and the
+signals are the real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TRAIN_MODULE = "dynmoe_dist.train"
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += children
+            todo += children
+    return out
+
+
+def rank_of(pid: int) -> int | None:
+    """The RANK of a training process (``python [-u] -m dynmoe_dist.train ...``), None for anything else."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    words = [a.decode() for a in argv[1:4]]
+    if "-m" not in words or words[words.index("-m") + 1 : words.index("-m") + 2] != [TRAIN_MODULE]:
+        return None
+    for item in environ:
+        key, _, value = item.decode(errors="replace").partition("=")
+        if key in ("RANK", "SLURM_PROCID"):
+            return int(value)
+    return None
+
+
+def ranks(root: int) -> dict[int, int]:
+    return {r: pid for pid in descendants(root) if (r := rank_of(pid)) is not None}
+
+
+def reached(metrics: Path, step: int) -> int | None:
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written
+        if record.get("kind") == "train" and record["step"] >= step:
+            return record["step"]
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--step", type=int, required=True)
+    parser.add_argument("--signal", default="USR1")
+    parser.add_argument("--ranks", default="all")
+    parser.add_argument("--repeat", default=None)
+    parser.add_argument("--timeout", type=float, default=240.0)
+    parser.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    deadline = time.monotonic() + args.timeout
+    try:
+        while (at := reached(args.metrics, args.step)) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                print(f"driver: the run ended or stalled before step {args.step}", flush=True)
+                return proc.wait(timeout=max(deadline - time.monotonic(), 1))
+            time.sleep(0.05)
+        found = ranks(proc.pid)
+        chosen = sorted(found) if args.ranks == "all" else [int(r) for r in args.ranks.split(",")]
+        sig = signal.Signals[f"SIG{args.signal}"]
+        for r in chosen:
+            os.kill(found[r], sig)
+        print(f"driver: {sig.name} to ranks {chosen} (pids {[found[r] for r in chosen]}) at step {at}", flush=True)
+        if args.repeat:
+            again = signal.Signals[f"SIG{args.repeat}"]
+            sent = 0
+            while proc.poll() is None and time.monotonic() < deadline:
+                for pid in ranks(proc.pid).values():
+                    try:
+                        os.kill(pid, again)
+                        sent += 1
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.05)
+            print(f"driver: {sent} more {again.name} while the ranks were stopping", flush=True)
+        status = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        latest = args.metrics.parent / "checkpoints" / "latest"
+        if latest.exists():
+            print(f"driver: latest {latest.read_text().strip()}", flush=True)
+        return status
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
