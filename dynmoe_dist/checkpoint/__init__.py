@@ -2,10 +2,11 @@
 
 from .dense import DenseState, UnfusedMasters, ZeroPartitions
 from .files import latest, published
-from .io import load, read_rank_tensors, resolve, save, verify
+from .io import AsyncSave, load, read_rank_tensors, resolve, save, save_async, verify
 from .manifest import CheckpointError, LayerRecord, Manifest
 
 __all__ = [
+    "AsyncSave",
     "CheckpointError",
     "DenseState",
     "LayerRecord",
@@ -18,5 +19,6 @@ __all__ = [
     "read_rank_tensors",
     "resolve",
     "save",
+    "save_async",
     "verify",
 ]

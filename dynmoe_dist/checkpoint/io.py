@@ -9,6 +9,11 @@ Save (every rank, same order):
      any rank fail the save on all, leaving the previous checkpoint as ``latest``;
   4. rank 0 writes manifest.json, renames the folder to ``step_NNNNNN``, points ``latest`` at it, prunes to ``keep``.
 
+``save`` runs them in a row. ``save_async`` runs step 1 and copies every tensor into host memory, then a background
+thread writes step 2's shards while training goes on; steps 3 and 4 are collectives, so they stay on the training
+thread: ``AsyncSave.commit``, which every rank calls at the same point (the trainer's next step boundary once every
+rank's writer has finished), waits for this rank's writer and then votes and publishes as ``save`` does.
+
 Load: rank 0 verifies the manifest against the files (sizes, checksums, tensor shapes and dtypes) and against the model
 (dense names and shapes, MoE layers, expert shapes); every rank gets the verdict, so all stop with the same list of
 mismatches. Then each rank reads only what it needs: the shared shard and the experts the new placement gives it.
@@ -17,7 +22,12 @@ mismatches. Then each rank reads only what it needs: the shared shard and the ex
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 from collections.abc import Callable
+from copy import deepcopy
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import torch
@@ -109,6 +119,73 @@ def save(
     fault: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a checkpoint of ``step`` under ``root`` (collective); returns the published folder."""
+    pending = prepare(root, step, groups, model, moe_opt, dense, state, rank_tensors, config, keep, fault)
+    write_shards(pending)
+    return commit(pending)
+
+
+def save_async(
+    root: Path,
+    step: int,
+    groups: ParallelGroups,
+    model: nn.Module,
+    moe_opt: MoEAdam,
+    dense: DenseState | None,
+    state: dict,
+    rank_tensors: dict[str, torch.Tensor],
+    config: dict | None = None,
+    keep: int = 3,
+    fault: Callable[[str], None] | None = None,
+) -> AsyncSave:
+    """Take the state of ``step`` now (collective; copies in host memory) and write it in a background thread.
+
+    Training may change every parameter and optimizer state as soon as this returns. Nothing is published until
+    ``AsyncSave.commit`` (collective, on the thread that trains), which every rank calls at the same point."""
+    pending = prepare(root, step, groups, model, moe_opt, dense, state, rank_tensors, config, keep, fault, copy=True)
+    return AsyncSave(pending)
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose state is taken: its shards in memory, the partial folder they go to, what the writer
+    reported (files, sizes, checksums, shapes) or the error that stopped it."""
+
+    root: Path
+    step: int
+    groups: ParallelGroups
+    partial: Path
+    shards: dict[str, dict[str, torch.Tensor]]
+    manifest: Manifest | None  # rank 0's, without the files and tensors the reports add
+    keep: int
+    fault: Callable[[str], None] | None = None
+    report: dict = dataclass_field(default_factory=lambda: {"files": {}, "tensors": {}})
+    error: str = ""
+    write_seconds: float = 0.0
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy in host memory that nothing else references (one copy, from any device)."""
+    out = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="cpu")
+    out.copy_(tensor.detach())
+    return out
+
+
+def prepare(
+    root: Path,
+    step: int,
+    groups: ParallelGroups,
+    model: nn.Module,
+    moe_opt: MoEAdam,
+    dense: DenseState | None,
+    state: dict,
+    rank_tensors: dict[str, torch.Tensor],
+    config: dict | None = None,
+    keep: int = 3,
+    fault: Callable[[str], None] | None = None,
+    copy: bool = False,
+) -> PendingSave:
+    """Steps 1 and the start of 2 (collective): what each rank writes, the manifest's records as of now, and the
+    partial folder's name. ``copy``: every tensor and the plain state copied, so training can go on changing them."""
     rank = groups.rank
     layers = moe_layers(model)
     dense_tensors = dense.read() if dense is not None else {}  # collective under ZeRO: before any rank-0-only work
@@ -125,44 +202,96 @@ def save(
         shards[expert_file(groups.ep_rank)] = {
             k: v for layer in layers for k, v in moe.expert_tensors(layer, moe_opt).items()
         }
-    root.mkdir(parents=True, exist_ok=True)
-    partial = files.partial_dir(root, step, _agree_token(groups))
-    report, error = {"files": {}, "tensors": {}}, ""
-    try:
-        partial.mkdir(parents=True, exist_ok=True)
-        for name, tensors in shards.items():
-            written = _write(partial, name, tensors, rank)
-            report["files"].update(written["file"])
-            report["tensors"].update(written["tensors"])
-        if fault is not None:
-            fault("written")
-    except OSError as exc:
-        error = f"rank {rank}: {exc}"
-    if not _vote(groups, not error, "checkpoint.vote"):
-        errors = [e for e in _gather(groups, error) if e]
-        raise CheckpointError(f"checkpoint of step {step} not written ({'; '.join(errors)}); 'latest' is unchanged")
-    reports = _gather(groups, report)
-    final = root / files.step_name(step)
-    if rank == 0:
+    manifest = None
+    if rank == 0:  # the placement as of this step: adaptation may move experts before an async save is published
         manifest = Manifest(
             step=step,
             world_size=groups.world_size,
             ep_size=groups.ep_size,
             layers={layer.name: moe.record(layer) for layer in layers},
-            state=state,
+            state=deepcopy(state) if copy else state,
             config=config,
         )
+    if copy:
+        shards = {name: {k: _host_copy(v) for k, v in tensors.items()} for name, tensors in shards.items()}
+    root.mkdir(parents=True, exist_ok=True)
+    partial = files.partial_dir(root, step, _agree_token(groups))
+    return PendingSave(root, step, groups, partial, shards, manifest, keep, fault)
+
+
+def write_shards(pending: PendingSave) -> None:
+    """Step 2 (no collective: runs on any thread): this rank's shards into the partial folder. Never raises; an
+    error is kept in ``pending.error`` for the vote."""
+    t0 = time.perf_counter()
+    rank = pending.groups.rank
+    try:
+        if pending.fault is not None:
+            pending.fault("writing")
+        pending.partial.mkdir(parents=True, exist_ok=True)
+        for name, tensors in pending.shards.items():
+            written = _write(pending.partial, name, tensors, rank)
+            pending.report["files"].update(written["file"])
+            pending.report["tensors"].update(written["tensors"])
+        if pending.fault is not None:
+            pending.fault("written")
+    except OSError as exc:
+        pending.error = f"rank {rank}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the vote, or the other ranks would wait on it
+        pending.error = f"rank {rank}: {type(exc).__name__}: {exc}"
+    pending.shards = {}  # the host copies are not needed any more
+    pending.write_seconds = time.perf_counter() - t0
+
+
+def commit(pending: PendingSave) -> Path:
+    """Steps 3 and 4 (collective): the vote, then rank 0 writes the manifest, publishes and prunes."""
+    groups, step, rank = pending.groups, pending.step, pending.groups.rank
+    if not _vote(groups, not pending.error, "checkpoint.vote"):
+        errors = [e for e in _gather(groups, pending.error) if e]
+        raise CheckpointError(f"checkpoint of step {step} not written ({'; '.join(errors)}); 'latest' is unchanged")
+    reports = _gather(groups, pending.report)
+    final = pending.root / files.step_name(step)
+    if rank == 0:
+        manifest = pending.manifest
         for r in reports:
             manifest.files.update(r["files"])
             manifest.tensors.update(r["tensors"])
-        files.write_text_atomic(partial / MANIFEST, manifest.to_json())
-        if fault is not None:
-            fault("manifest")
-        final = files.publish(partial, root, step)
-        files.prune(root, keep)
+        files.write_text_atomic(pending.partial / MANIFEST, manifest.to_json())
+        if pending.fault is not None:
+            pending.fault("manifest")
+        final = files.publish(pending.partial, pending.root, step)
+        files.prune(pending.root, pending.keep)
     if _world(groups) is not None:
         guarded("checkpoint.published", lambda: dist.barrier(group=_world(groups)))
     return final
+
+
+class AsyncSave:
+    """A checkpoint being written by a background thread. ``done`` asks without waiting; ``commit`` (collective, every
+    rank at the same point, never from the writer thread) waits for this rank's writer, then votes and publishes."""
+
+    def __init__(self, pending: PendingSave) -> None:
+        self.pending = pending
+        self.thread = threading.Thread(target=write_shards, args=(pending,), name=f"checkpoint-{pending.step}")
+        self.thread.start()
+
+    @property
+    def step(self) -> int:
+        return self.pending.step
+
+    @property
+    def write_seconds(self) -> float:
+        return self.pending.write_seconds
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def wait(self) -> None:
+        """This rank's writer finished (no collective): what an error path does before the process goes away."""
+        self.thread.join()
+
+    def commit(self) -> Path:
+        self.wait()
+        return commit(self.pending)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

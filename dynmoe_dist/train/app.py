@@ -114,7 +114,8 @@ def run(cfg: DictConfig) -> None:
             )
         else:
             trainer.fit()
-    except NonFiniteError as exc:  # every rank stops at the same step: a clean exit, the checkpoints untouched
+    except (NonFiniteError, CheckpointError) as exc:  # every rank stops at the same step: a clean exit, 'latest'
+        # the last good checkpoint (a save that failed on any rank, in the background or not, fails on all)
         stopped = str(exc)
     finally:
         lines = sink.close() if sink is not None else []

@@ -15,7 +15,16 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import DenseState, UnfusedMasters, ZeroPartitions, load, read_rank_tensors, save
+from ..checkpoint import (
+    AsyncSave,
+    DenseState,
+    UnfusedMasters,
+    ZeroPartitions,
+    load,
+    read_rank_tensors,
+    save,
+    save_async,
+)
 from ..checkpoint.manifest import Manifest
 from ..parallel.grads import moe_parameter_kinds
 
@@ -61,6 +70,24 @@ def join_state(plain: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_checkpoint(trainer, root: Path, keep: int, config: dict | None, fault: Callable | None = None) -> Path:
     plain, tensors = split_state(trainer.state_dict())
     return save(
+        root,
+        trainer.state.step,
+        trainer.groups,
+        trainer.model,
+        trainer.moe_opt,
+        dense_state(trainer),
+        plain,
+        tensors,
+        config=config,
+        keep=keep,
+        fault=fault,
+    )
+
+
+def begin_checkpoint(trainer, root: Path, keep: int, config: dict | None, fault: Callable | None = None) -> AsyncSave:
+    """The state of this step taken now (collective), written by a background thread; ``commit()`` publishes it."""
+    plain, tensors = split_state(trainer.state_dict())
+    return save_async(
         root,
         trainer.state.step,
         trainer.groups,

@@ -194,10 +194,31 @@ class LoggingConfig:
     progress: str = "auto"  # auto (a bar on a terminal, lines otherwise) | bar | lines | none
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)  # its own __init__: ``async`` is a Python keyword, so no class-body field
 class CheckpointSettings:
     every: int = 0  # steps between checkpoints (and one at the end); 0: none
     keep: int = 3  # the newest checkpoints kept under <out_dir>/<name>/checkpoints
+    # async: the state copied to host memory at the step, written by a background thread while training goes on,
+    # published (renamed into place, ``latest``) at a later step boundary once every rank's shards are on disk
+    __annotations__["async"] = bool
+    locals()["async"] = False
+
+    def __init__(self, every: int = 0, keep: int = 3, **options: bool) -> None:
+        self.every, self.keep = every, keep
+        setattr(self, "async", bool(options.pop("async", False)))
+        if options:
+            raise TypeError(f"CheckpointSettings: unknown option(s) {sorted(options)}")
+
+    @property
+    def in_background(self) -> bool:
+        """``checkpoint.async`` (spelled so in the config; not an attribute name Python code can write)."""
+        return getattr(self, "async")
+
+    def __repr__(self) -> str:
+        return f"CheckpointSettings(every={self.every}, keep={self.keep}, async={self.in_background})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CheckpointSettings) and repr(self) == repr(other)
 
 
 @dataclass

@@ -119,6 +119,10 @@ class Trainer:
         self.preemption: Preemption | None = None  # the signals this process watches (the application installs it)
         self.stop_requested = False  # a rank was signalled: every rank checkpoints after this step and stops
         self.preempted = False  # fit() ended early for a signal, its checkpoint written
+        self.saving = None  # checkpoint.async: the save a background thread is writing (checkpoint.AsyncSave)
+        self.saving_held = 0.0  # seconds the training thread spent taking its state
+        self.saves_written = False  # every rank's writer had finished at this step's agreement: publish now
+        self.checkpoint_fault = None  # tests: called at a save's stages ("writing", "written", then "manifest")
 
     def _engine(self) -> Engine:
         c = self.cfg
@@ -198,13 +202,16 @@ class Trainer:
 
     def agree_step(self, loss: float) -> tuple[list[int], bool]:
         """(the ranks whose loss is NaN or Inf, whether any rank was signalled to stop), known to every rank after one
-        small all-reduce: a step is skipped everywhere or nowhere, and every rank stops after the same step."""
-        flags = torch.zeros(self.world + 1, dtype=torch.float64, device=self.device)
+        small all-reduce: a step is skipped everywhere or nowhere, and every rank stops after the same step. The same
+        all-reduce tells whether every rank's background checkpoint writer has finished (``saves_written``)."""
+        flags = torch.zeros(self.world + 2, dtype=torch.float64, device=self.device)
         flags[self.rank] = float(not math.isfinite(loss))
         flags[self.world] = float(self.preemption is not None and self.preemption.requested)
+        flags[self.world + 1] = float(self.saving is not None and self.saving.done())  # this rank's writer finished
         if self.groups.world_group is not None:
             all_reduce(flags, self.groups.world_group, "train.step_flags")
         values = flags.tolist()
+        self.saves_written = self.saving is not None and values[self.world + 1] == self.world
         return [r for r, flag in enumerate(values[: self.world]) if flag], values[self.world] > 0
 
     def skip(self, step: int, bad_ranks: list[int], norm: float, window: list | None) -> StepResult:
@@ -254,6 +261,15 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------------
 
     def fit(self) -> None:
+        try:
+            self._fit()
+        except BaseException:
+            if self.saving is not None:  # not published (that is collective): the writer finishes, 'latest' stays
+                self.saving.wait()
+                self.saving = None
+            raise
+
+    def _fit(self) -> None:
         cfg = self.cfg
         progress = Progress(cfg.steps, self.state.step, cfg.logging.progress, self.is_main)
         if self.state.step == 0:
@@ -266,6 +282,8 @@ class Trainer:
             self.state.elapsed += seconds
             self.step_seconds = (self.step_seconds + [seconds])[-20:]
             step = self.state.step
+            if self.saves_written:  # every rank's shards are on disk: publish (collective, here on every rank)
+                self.finish_checkpoint(progress)
             for event in result.events:
                 self.record_event(event, progress)
             self.record_unrouted(result.warnings, result.collapses, progress)
@@ -284,40 +302,78 @@ class Trainer:
             if self.stop_requested and step < cfg.steps:
                 self.stop(progress)
                 return
+        self.finish_checkpoint(progress)
         if self.checkpoint_root is not None and cfg.checkpoint.every and self.last_checkpoint != self.state.step:
             self.checkpoint(progress)  # the end of the run, so it can be extended with more steps
+            self.finish_checkpoint(progress)
         self.record_unrouted([], self.watch.close(self.state.step), progress)
         progress.close()
 
     def stop(self, progress: Progress) -> None:
         """A rank was signalled (preemption, a time limit): checkpoint this step, whatever checkpoint.every says, and
-        end ``fit`` early; the application then exits with ``preempt.PREEMPTED``."""
+        end ``fit`` early; the application then exits with ``preempt.PREEMPTED``. An async save in flight is waited
+        for and published first."""
+        self.finish_checkpoint(progress)
         if self.checkpoint_root is not None and self.last_checkpoint != self.state.step:
             self.checkpoint(progress)
+            self.finish_checkpoint(progress)
         self.preempted = True
         progress.close()
 
-    def checkpoint(self, progress: Progress) -> Path:
-        """Save a checkpoint of this step (collective) and report it."""
-        from .checkpointing import save_checkpoint
+    def checkpoint(self, progress: Progress) -> Path | None:
+        """Save a checkpoint of this step (collective) and report it; with ``checkpoint.async``, take the state and
+        start its writer (after publishing the one before: one save in flight at a time), and return None."""
+        from .checkpointing import begin_checkpoint, save_checkpoint
 
+        c = self.cfg.checkpoint
+        if c.in_background:
+            self.finish_checkpoint(progress)
+            t0 = time.perf_counter()
+            self.saving = begin_checkpoint(
+                self, self.checkpoint_root, c.keep, self.resolved_config, self.checkpoint_fault
+            )
+            self.saving_held = time.perf_counter() - t0
+            return None
         t0 = time.perf_counter()
-        path = save_checkpoint(self, self.checkpoint_root, self.cfg.checkpoint.keep, self.resolved_config)
-        seconds = time.perf_counter() - t0
+        path = save_checkpoint(self, self.checkpoint_root, c.keep, self.resolved_config, self.checkpoint_fault)
         self.last_checkpoint = self.state.step
-        if self.is_main:
-            size = sum(f.stat().st_size for f in path.iterdir())
-            record = {
-                "kind": "checkpoint",
-                "step": self.state.step,
-                "path": str(path),
-                "seconds": seconds,
-                "bytes": size,
-            }
-            if self.sink is not None:
-                self.sink.metrics(record)
-            progress.line(f"step {self.state.step}: checkpoint {path} ({seconds:.1f} s, {size / 1e6:.1f} MB)")
+        self.report_checkpoint(progress, path, self.state.step, time.perf_counter() - t0)
         return path
+
+    def finish_checkpoint(self, progress: Progress) -> Path | None:
+        """Publish the async save in flight, if any (collective: every rank calls it at the same step): wait for this
+        rank's writer, then the vote. A writer's error on any rank is raised here on every rank, 'latest' unchanged."""
+        if self.saving is None:
+            return None
+        saving, self.saving, self.saves_written = self.saving, None, False
+        t0 = time.perf_counter()
+        path = saving.commit()
+        self.last_checkpoint = saving.step
+        held = self.saving_held + time.perf_counter() - t0
+        self.report_checkpoint(progress, path, saving.step, held, written=saving.write_seconds)
+        return path
+
+    def report_checkpoint(
+        self, progress: Progress, path: Path, step: int, seconds: float, written: float | None = None
+    ) -> None:
+        """A metrics record and a line on rank 0. ``step``: when it was published (the metrics' steps only grow);
+        ``checkpoint_step``: the step it holds (the same, unless async). ``seconds``: what training waited for the
+        save; with async, ``write_seconds`` is the background writer's time."""
+        if not self.is_main:
+            return
+        size = sum(f.stat().st_size for f in path.iterdir())
+        record = {"kind": "checkpoint", "step": self.state.step, "checkpoint_step": step, "path": str(path)}
+        record.update(seconds=seconds, bytes=size)
+        if written is None:
+            progress.line(f"step {step}: checkpoint {path} ({seconds:.1f} s, {size / 1e6:.1f} MB)")
+        else:
+            record["write_seconds"] = written
+            progress.line(
+                f"step {self.state.step}: checkpoint {path} of step {step} published ({seconds:.2f} s held, "
+                f"{written:.1f} s written in the background, {size / 1e6:.1f} MB)"
+            )
+        if self.sink is not None:
+            self.sink.metrics(record)
 
     def log_train(self, progress: Progress) -> None:
         """Reduce the window over the world (collective) and write one record on rank 0."""
