@@ -4,15 +4,19 @@
 
 Starts CMD in its own session, waits until ``metrics.jsonl`` holds a train record at ``--step`` or later (the run logs
 every step), then sends ``--signal`` to the training processes of ``--ranks`` (found among CMD's descendants by their
-command line and their RANK variable). ``--repeat SIG`` then keeps sending SIG to every rank every 50 ms until they are
-gone (a second signal while the checkpoint is written). Prints what it did as ``driver: ...`` lines, and the run's
-``latest`` checkpoint once CMD ended, and exits with CMD's status. Never a mock: the launcher, its ranks and the
-signals are the real ones.
+command line and their RANK variable), or with ``--ranks tree`` to CMD and every process under it (a lost node: its
+launcher and its ranks). ``--repeat SIG`` then keeps sending SIG to every rank every 50 ms until they are gone (a
+second signal while the checkpoint is written). ``--recovery`` then watches the run come back, whichever process
+brings it back (CMD's launcher restarting its ranks, or another node's): it says when the run folder was opened again
+(a resumed run rewrites ``metrics.jsonl``) and when the run is back at the step it had reached, in seconds after the
+signal. Prints what it did as ``driver: ...`` lines, and the run's ``latest`` checkpoint once CMD ended, and exits
+with CMD's status. Never a mock: the launcher, its ranks and the signals are the real ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -74,6 +78,33 @@ def reached(metrics: Path, step: int) -> int | None:
     return None
 
 
+def tree(root: int) -> list[int]:
+    """``root`` and every process under it, parents first."""
+    return [root, *descendants(root)]
+
+
+def inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
+def watch_recovery(metrics: Path, at: int, signalled: float, deadline: float) -> None:
+    """Until the run is back at step ``at`` (or the deadline): when its folder reopened, when it got back there."""
+    before, reopened = inode(metrics), None
+    while time.monotonic() < deadline:
+        now = inode(metrics)
+        if reopened is None and now is not None and now != before:
+            reopened = time.monotonic()
+            print(f"driver: run folder reopened {reopened - signalled:.1f} s after the signal", flush=True)
+        if reopened is not None and (step := reached(metrics, at)) is not None:
+            print(f"driver: back at step {step} {time.monotonic() - signalled:.1f} s after the signal", flush=True)
+            return
+        time.sleep(0.05)
+    print(f"driver: the run did not come back to step {at}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--metrics", type=Path, required=True)
@@ -81,6 +112,7 @@ def main() -> int:
     parser.add_argument("--signal", default="USR1")
     parser.add_argument("--ranks", default="all")
     parser.add_argument("--repeat", default=None)
+    parser.add_argument("--recovery", action="store_true")
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -93,12 +125,20 @@ def main() -> int:
                 print(f"driver: the run ended or stalled before step {args.step}", flush=True)
                 return proc.wait(timeout=max(deadline - time.monotonic(), 1))
             time.sleep(0.05)
-        found = ranks(proc.pid)
-        chosen = sorted(found) if args.ranks == "all" else [int(r) for r in args.ranks.split(",")]
         sig = signal.Signals[f"SIG{args.signal}"]
-        for r in chosen:
-            os.kill(found[r], sig)
-        print(f"driver: {sig.name} to ranks {chosen} (pids {[found[r] for r in chosen]}) at step {at}", flush=True)
+        if args.ranks == "tree":
+            pids = tree(proc.pid)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            print(f"driver: {sig.name} to the launch's {len(pids)} processes (pids {pids}) at step {at}", flush=True)
+        else:
+            found = ranks(proc.pid)
+            chosen = sorted(found) if args.ranks == "all" else [int(r) for r in args.ranks.split(",")]
+            for r in chosen:
+                os.kill(found[r], sig)
+            print(f"driver: {sig.name} to ranks {chosen} (pids {[found[r] for r in chosen]}) at step {at}", flush=True)
+        signalled = time.monotonic()
         if args.repeat:
             again = signal.Signals[f"SIG{args.repeat}"]
             sent = 0
@@ -111,6 +151,8 @@ def main() -> int:
                         pass
                 time.sleep(0.05)
             print(f"driver: {sent} more {again.name} while the ranks were stopping", flush=True)
+        if args.recovery:
+            watch_recovery(args.metrics, at, signalled, deadline)
         status = proc.wait(timeout=max(deadline - time.monotonic(), 1))
         latest = args.metrics.parent / "checkpoints" / "latest"
         if latest.exists():
@@ -118,7 +160,9 @@ def main() -> int:
         return status
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in tree(proc.pid):  # torchrun starts each worker in a session of its own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
 
 

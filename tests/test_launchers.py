@@ -244,7 +244,8 @@ def test_slurm_task_count_differs_from_the_config(launches: Runs) -> None:
 
 
 def launch_ep_size(out: Path) -> Commands:
-    env = clean_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
+    # No restarts: a refused configuration is refused again on each of them (the script allows 3 by default)
+    env = clean_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="0")
     return [(["launch/torchrun.sh", *TINY, *corpus_args(out), "parallel.ep_size=3"], env)]
 
 

@@ -77,10 +77,12 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None, env: 
         # Before the group exists, so each rank's NCCL communicator lands on its own GPU rather than all on GPU 0.
         torch.cuda.set_device(device)
     host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
-    # Explicit tcp:// rather than env:// so the group follows ``env`` even if os.environ held other values.
+    store = agent_store(env, timeout_s)
+    # Explicit tcp:// (or the agent's store) rather than env:// so the group follows ``env`` whatever os.environ holds.
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{host}:{env.master_port}",
+        init_method=None if store is not None else f"tcp://{host}:{env.master_port}",
+        store=store,
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -89,6 +91,29 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None, env: 
         gpu = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
         check_one_gpu_per_rank(gpu, visible, timeout_s)
     return env
+
+
+def agent_store(env: DistEnv, timeout_s: float):
+    """Under torchrun with its agent's store (``TORCHELASTIC_USE_AGENT_STORE``), that store, keyed by restart.
+
+    The agent keeps one store for the whole job and torch keys the process group's bootstrap by rank only, so after a
+    restart (``--max-restarts``) a rank could read the address a dead rank of the previous attempt left there and fail
+    to connect (or wait for it). The attempt in the keys keeps each restart to its own. None outside torchrun's agent
+    store: then ``init_process_group`` makes its own (rank 0 hosts it).
+    """
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        is_master=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"dynmoe/attempt_{attempt}", store)
 
 
 def shared_gpus(gpus: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:

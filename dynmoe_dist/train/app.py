@@ -81,7 +81,8 @@ def run(cfg: DictConfig) -> None:
     if folder is not None:
         log.info("model: %s (%s, %s)", folder.path, folder.model_type, folder.workflow)
     path = Path(tc.out_dir) / tc.name
-    start = agree_start(tc, path, env.rank, groups)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    start = agree_start(tc, path, env.rank, groups, config_yaml)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     trainer = Trainer(tc, corpus, groups, device, None, checkpoint_root=path / "checkpoints", resolved_config=resolved)
     if start is not None:
@@ -174,8 +175,9 @@ def prepare_data(tc):
     return load_corpus(tc.data), folder
 
 
-def agree_start(tc, path: Path, rank: int, groups) -> Path | None:
-    """Which checkpoint to start from (rank 0 decides, every rank learns it); refuses to start over an earlier run."""
+def agree_start(tc, path: Path, rank: int, groups, config_yaml: str = "") -> Path | None:
+    """Which checkpoint to start from (rank 0 decides, every rank learns it); refuses to start over an earlier run,
+    except this run's own first attempt when torchrun restarted it before its first checkpoint."""
     import torch.distributed as dist
 
     from ..checkpoint import latest, resolve
@@ -190,7 +192,8 @@ def agree_start(tc, path: Path, rank: int, groups) -> Path | None:
                 verdict = (str(found) if found is not None else None, "")
             elif tc.resume != "none":
                 verdict = (str(resolve(Path(tc.resume))), "")
-            if verdict[0] is None and holds_run(path) and not tc.overwrite:  # nothing to resume from: a clash
+            clash = holds_run(path) and not tc.overwrite and not restarted_before_a_checkpoint(path, config_yaml)
+            if verdict[0] is None and clash:  # nothing to resume from: a clash
                 verdict = (None, str(existing_run_error(path)))
         except DynMoEError as exc:
             verdict = (None, str(exc))
@@ -204,18 +207,35 @@ def agree_start(tc, path: Path, rank: int, groups) -> Path | None:
     return Path(start) if start is not None else None
 
 
+def restarted_before_a_checkpoint(path: Path, config_yaml: str) -> bool:
+    """True for a worker torchrun restarted (``--max-restarts``) whose run folder holds the same configuration and no
+    checkpoint: the earlier attempt of this very run died before its first checkpoint, so it starts over from step 0
+    (nothing is lost that the restart does not recompute) instead of refusing to overwrite itself."""
+    import os
+
+    from ..checkpoint import latest
+
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0"):
+        return False
+    try:
+        same = (path / "config.yaml").read_text() == config_yaml
+    except OSError:
+        return False
+    return same and latest(path / "checkpoints") is None
+
+
 def open_run_folder(cfg: DictConfig, tc, path: Path, rank: int, resumed_step: int | None):
-    """Rank 0 opens ``<out_dir>/<name>``: cleared first with overwrite=true, its logs cut back to a resumed step."""
+    """Rank 0 opens ``<out_dir>/<name>``: cleared first with overwrite=true (or when a restart before the first
+    checkpoint starts the run over), its logs cut back to a resumed step."""
     from .run_folder import RunFolder, clear
 
     if rank != 0:
         return None
-    if tc.overwrite and resumed_step is None:
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if resumed_step is None and (tc.overwrite or restarted_before_a_checkpoint(path, config_yaml)):
         clear(path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return RunFolder(
-        path, OmegaConf.to_yaml(cfg, resolve=True), resolved, tc.logging.wandb, tc.logging.project, resumed_step
-    )
+    return RunFolder(path, config_yaml, resolved, tc.logging.wandb, tc.logging.project, resumed_step)
 
 
 def pick_device(choice: str, local_rank: int):
