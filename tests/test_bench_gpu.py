@@ -33,6 +33,7 @@ TOP2_FIELDS = (
     "layer_ms",
     "experts_ms",
     "syncs",
+    "syncs_target",
     "peer_syncs",
     "checks",
     "ds_cf1_dropped",
@@ -53,6 +54,7 @@ TOP_ANY_FIELDS = (
     "layer_ms",
     "experts_ms",
     "syncs",
+    "syncs_target",
     "verdicts",
     *(f"layer_over_experts{f}" for f in RATIO_FIELDS),
 )
@@ -79,7 +81,11 @@ def test_gpu_bench_compares_every_peer_then_reports_every_field(tmp_path):
         assert field in meta, field
     assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["k"] == 2
     assert meta["skipped"] == {} and meta["check_failures"] == []
-    assert meta["targets"] == {"layer_over_experts": {"top2": 1.15, "top_any": 1.25}, "ours_over_peer": 0.8}
+    assert meta["targets"] == {
+        "layer_over_experts": {"top2": 1.15, "top_any": 1.25},
+        "ours_over_peer": 0.8,
+        "syncs": {"top2": 0, "top_any": 1},
+    }
     for field in ("gpu", "gpu_capability", "torch", "cuda", "deepspeed"):
         assert field in meta["machine"], field
     assert meta["transformers"]
@@ -107,8 +113,8 @@ def test_gpu_bench_compares_every_peer_then_reports_every_field(tmp_path):
         # syncs are counted per module: none in our top-2 layer, DeepSpeed reads its capacity on the host
         assert r["syncs"] == 0
         assert r["peer_syncs"]["ds"] >= 1 and r["peer_syncs"]["ds_cf1"] >= 1
-    for r in rows[1::2]:
-        assert r["rows"] > 0 and r["syncs"] >= 0
+    for r in rows[1::2]:  # Top-Any calibrated to top-2's loads: two experts a token, plus the few it leaves unrouted
+        assert 2.0 <= r["avg_k"] <= 2.25 and r["syncs"] >= 0
 
 
 def test_a_peer_that_computes_something_else_is_not_timed_and_fails_the_run(tmp_path, monkeypatch):
