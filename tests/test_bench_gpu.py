@@ -9,6 +9,7 @@ counted per module. No figure is asserted: at these shapes they mean nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -158,3 +159,29 @@ def test_shapes_are_experts_and_hidden_sizes():
     for bad in ("8", "8:0", "a:b", ""):
         with pytest.raises(SystemExit, match="--shapes"):
             gpu.parse_shapes(bad)
+
+
+def test_without_scipy_a_ratio_keeps_its_verdict_from_the_medians(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else find_spec(name, *a))
+    missed = gpu.ratio_stats([2.0, 2.2, 2.4], [1.0, 1.0, 1.0], 1.15)
+    assert missed["value"] == pytest.approx(2.2) and missed["ci95"] is None and missed["verdict"] == "missed"
+    assert gpu.ratio_stats([1.0, 1.1, 1.2], [1.0, 1.0, 1.0], 1.15)["verdict"] == "met"
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+    reason="the bf16 grouped GEMM needs a CUDA GPU of compute capability 8.0+",
+)
+def test_on_a_gpu_the_command_runs_in_bf16_with_cuda_events_and_sync_checks(tmp_path):
+    out = tmp_path / "gpu.json"
+    args = ["--tokens", "2048", "--d-model", "256", "--shapes", "8:512", "--rounds", "3", "--warmup", "1"]
+    # Mixtral's block only: the suite runs DeepSpeed on its CPU accelerator (conftest), the command on a GPU does not
+    gpu.main([*args, "--check-tokens", "1024", "--peers", "mixtral", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["device"].startswith("cuda") and doc["meta"]["dtype"] == "bfloat16"
+    assert doc["meta"]["machine"]["gpu"] and doc["meta"]["check_failures"] == []
+    top2, top_any = doc["results"]
+    assert top2["layer_over_experts"] > 0 and top_any["layer_over_experts"] > 0
+    assert all(c["agrees"] for c in top2["checks"].values())
+    assert top2["syncs"] == 0 and top_any["syncs"] <= 1  # set_sync_debug_mode("warn"), counted
