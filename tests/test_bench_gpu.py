@@ -138,6 +138,28 @@ def test_a_peer_that_computes_something_else_is_not_timed_and_fails_the_run(tmp_
     assert doc["meta"]["check_failures"]
 
 
+def test_a_peer_failing_when_timed_loses_its_column_not_the_run(tmp_path, monkeypatch):
+    make = gpu.run_mixtral
+
+    def fails_after_the_check(block):
+        run, calls = make(block), []
+
+        def call(x):
+            calls.append(x.dtype)
+            if len(calls) > 1:
+                raise RuntimeError("no kernel for this dtype")
+            return run(x)
+
+        return call
+
+    monkeypatch.setattr(gpu, "run_mixtral", fails_after_the_check)
+    doc = run(tmp_path, "--shapes", "4:64", "--rounds", "1", "--warmup", "0", "--peers", "mixtral")
+    assert "no kernel for this dtype" in doc["meta"]["skipped"]["mixtral"]
+    top2 = doc["results"][0]
+    assert top2["checks"]["mixtral"]["agrees"] and top2["mixtral_ms"] is None and top2["ours_over_mixtral"] is None
+    assert top2["layer_over_experts"] > 0 and doc["results"][1]["layer_over_experts"] > 0
+
+
 def test_a_missing_peer_leaves_its_columns_empty_with_a_note(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gpu, "deepspeed_unavailable", lambda: "deepspeed is not installed")
     doc = run(tmp_path, "--shapes", "4:64", "--rounds", "1", "--warmup", "0", "--peers", "deepspeed")
