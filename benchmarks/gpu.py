@@ -16,7 +16,8 @@ One command on one CUDA device, bf16, forward+backward, 16384 tokens, d=1024, to
 Same routing and weights everywhere: the router rows and experts of our layer are copied into the peers, and all three
 route by softmax top-2 renormalised over the pair (Mixtral's rule; DeepSpeed's with its second-expert sampling off).
 Before anything is timed the outputs and input gradients are compared, in float32 on the same device at
-``--check-tokens`` tokens, against a tolerance: a peer that computes something else stops the run.
+``--check-tokens`` tokens, against a tolerance: a peer that computes something else is not timed, and the command
+exits with status 1 once the document is written.
 
 Timed modules hold their parameters in the timed dtype (``--dtype``), as a bf16 model does; each gate routes the way
 it does in such a model: ours and DeepSpeed's in float32 (ours as ``dynmoe_dist.hf.convert`` leaves it), Mixtral's in
@@ -35,7 +36,7 @@ Elsewhere ``op_count.OpCounter`` counts the ops that would sync on a GPU.
 on the CPU, timed by the wall clock: the smoke test of the command, whose figures mean nothing. Without CUDA and
 without ``--device cpu`` the command stops at once. It needs only torch (>= 2.10, for ``grouped_mm``) and this
 repository; transformers and DeepSpeed are optional (their columns are then left empty and ``meta["skipped"]`` says
-why), so is scipy (the intervals).
+why, as for a peer whose version cannot be built or run here), so is scipy (the intervals).
 """
 
 from __future__ import annotations
