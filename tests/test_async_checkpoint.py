@@ -3,8 +3,8 @@
 Its checkpoints are the synchronous run's, byte for byte (1 and 2 ranks, with adaptation moving experts while a save
 is in flight); what is written is the state of the save's step although training changed it before the writer ran;
 a writer that fails on one rank fails the save on every rank at a later step boundary with the error, and `latest`
-stays the previous checkpoint; a preemption waits for the save in flight; a resume from an async checkpoint ends
-where the uninterrupted run ends.
+stays the previous checkpoint, as it does when renaming into place (rank 0, in the background) fails; a preemption
+waits for the save in flight; a resume from an async checkpoint ends where the uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -161,6 +161,23 @@ def test_preemption_waits_for_the_save_in_flight(tmp_path: Path) -> None:
     assert latest(tmp_path).name == "step_000004" and Manifest.read(latest(tmp_path)).step == 4
     assert [p.name for p in published(tmp_path)] == ["step_000002", "step_000004"]
     assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_a_failed_publish_stops_the_run_and_leaves_latest(tmp_path: Path) -> None:
+    t = trainer(tmp_path, True)
+    calls = []
+
+    def fault(stage: str) -> None:  # rank 0's publishing thread: the second checkpoint's manifest is not renamed
+        if stage == "manifest":
+            calls.append(stage)
+            if len(calls) == 2:
+                raise OSError(5, "Input/output error")
+
+    t.checkpoint_fault = fault
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 4 not published \(rank 0: OSError: \[Errno 5\]"):
+        t.fit()
+    assert t.state.step == 6 and t.saving is None and t.publishing is None  # settled before step 6's save began
+    assert latest(tmp_path).name == "step_000002" and [p.name for p in published(tmp_path)] == ["step_000002"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

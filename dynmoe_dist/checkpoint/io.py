@@ -161,6 +161,8 @@ class PendingSave:
     report: dict = dataclass_field(default_factory=lambda: {"files": {}, "tensors": {}})
     error: str = ""
     write_seconds: float = 0.0
+    publisher: threading.Thread | None = None  # rank 0, commit(background=True): step 4 in progress
+    publish_error: str = ""
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -242,8 +244,10 @@ def write_shards(pending: PendingSave) -> None:
     pending.write_seconds = time.perf_counter() - t0
 
 
-def commit(pending: PendingSave) -> Path:
-    """Steps 3 and 4 (collective): the vote, then rank 0 writes the manifest, publishes and prunes."""
+def commit(pending: PendingSave, background: bool = False) -> Path:
+    """Steps 3 and 4 (collective): the vote, then rank 0 writes the manifest, publishes and prunes. ``background``:
+    rank 0 does step 4 in a thread and no rank waits for it; ``settle`` (collective) must follow before the next save
+    under the same root begins and before the processes end."""
     groups, step, rank = pending.groups, pending.step, pending.groups.rank
     if not _vote(groups, not pending.error, "checkpoint.vote"):
         errors = [e for e in _gather(groups, pending.error) if e]
@@ -255,19 +259,49 @@ def commit(pending: PendingSave) -> Path:
         for r in reports:
             manifest.files.update(r["files"])
             manifest.tensors.update(r["tensors"])
-        files.write_text_atomic(pending.partial / MANIFEST, manifest.to_json())
-        if pending.fault is not None:
-            pending.fault("manifest")
-        final = files.publish(pending.partial, pending.root, step)
-        files.prune(pending.root, pending.keep)
-    if _world(groups) is not None:
+        if background:
+            pending.publisher = threading.Thread(target=_publish_or_keep_error, args=(pending,), name=f"publish-{step}")
+            pending.publisher.start()
+            return final
+        _publish(pending)
+    if _world(groups) is not None and not background:
         guarded("checkpoint.published", lambda: dist.barrier(group=_world(groups)))
     return final
 
 
+def _publish(pending: PendingSave) -> None:
+    """Step 4, rank 0: the manifest into the partial folder, the rename, ``latest``, the pruning."""
+    files.write_text_atomic(pending.partial / MANIFEST, pending.manifest.to_json())
+    if pending.fault is not None:
+        pending.fault("manifest")
+    files.publish(pending.partial, pending.root, pending.step)
+    files.prune(pending.root, pending.keep)
+
+
+def _publish_or_keep_error(pending: PendingSave) -> None:
+    try:
+        _publish(pending)
+    except Exception as exc:  # noqa: BLE001 - reported by settle() on every rank
+        pending.publish_error = f"{type(exc).__name__}: {exc}"
+
+
+def settle(pending: PendingSave) -> None:
+    """After ``commit(background=True)`` (collective): rank 0 waits for its publishing thread, and every rank learns
+    whether the checkpoint was published; if not, CheckpointError on every rank."""
+    if pending.publisher is not None:
+        pending.publisher.join()
+        pending.publisher = None
+    if not _vote(pending.groups, not pending.publish_error, "checkpoint.published"):
+        errors = [e for e in _gather(pending.groups, pending.publish_error) if e]
+        raise CheckpointError(
+            f"checkpoint of step {pending.step} not published (rank 0: {'; '.join(errors)}); 'latest' is the one before"
+        )
+
+
 class AsyncSave:
     """A checkpoint being written by a background thread. ``done`` asks without waiting; ``commit`` (collective, every
-    rank at the same point, never from the writer thread) waits for this rank's writer, then votes and publishes."""
+    rank at the same point, never from the writer thread) waits for this rank's writer, then votes and publishes
+    (``background``: rank 0 renames in a thread; then ``settle``, collective, before the next save and at the end)."""
 
     def __init__(self, pending: PendingSave) -> None:
         self.pending = pending
@@ -289,9 +323,22 @@ class AsyncSave:
         """This rank's writer finished (no collective): what an error path does before the process goes away."""
         self.thread.join()
 
-    def commit(self) -> Path:
+    def commit(self, background: bool = False) -> Path:
         self.wait()
-        return commit(self.pending)
+        return commit(self.pending, background)
+
+    def settle(self) -> None:
+        settle(self.pending)
+
+    def wait_published(self) -> None:
+        """Rank 0's publishing thread finished, if any (no collective: for error paths)."""
+        if self.pending.publisher is not None:
+            self.pending.publisher.join()
+
+    def bytes(self) -> int:
+        """Rank 0: the checkpoint's size on disk (its shards and manifest), known once committed."""
+        manifest = self.pending.manifest
+        return sum(f["bytes"] for f in manifest.files.values()) + len(manifest.to_json().encode())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ class Trainer:
         self.stop_requested = False  # a rank was signalled: every rank checkpoints after this step and stops
         self.preempted = False  # fit() ended early for a signal, its checkpoint written
         self.saving = None  # checkpoint.async: the save a background thread is writing (checkpoint.AsyncSave)
+        self.publishing = None  # checkpoint.async: the save rank 0 is renaming into place in the background
         self.saving_held = 0.0  # seconds the training thread spent taking its state
         self.saves_written = False  # every rank's writer had finished at this step's agreement: publish now
         self.checkpoint_fault = None  # tests: called at a save's stages ("writing", "written", then "manifest")
@@ -267,6 +268,9 @@ class Trainer:
             if self.saving is not None:  # not published (that is collective): the writer finishes, 'latest' stays
                 self.saving.wait()
                 self.saving = None
+            if self.publishing is not None:  # voted for: rank 0 finishes renaming it into place
+                self.publishing.wait_published()
+                self.publishing = None
             raise
 
     def _fit(self) -> None:
@@ -283,7 +287,7 @@ class Trainer:
             self.step_seconds = (self.step_seconds + [seconds])[-20:]
             step = self.state.step
             if self.saves_written:  # every rank's shards are on disk: publish (collective, here on every rank)
-                self.finish_checkpoint(progress)
+                self.finish_checkpoint(progress, wait=False)
             for event in result.events:
                 self.record_event(event, progress)
             self.record_unrouted(result.warnings, result.collapses, progress)
@@ -337,31 +341,39 @@ class Trainer:
         t0 = time.perf_counter()
         path = save_checkpoint(self, self.checkpoint_root, c.keep, self.resolved_config, self.checkpoint_fault)
         self.last_checkpoint = self.state.step
-        self.report_checkpoint(progress, path, self.state.step, time.perf_counter() - t0)
+        size = sum(f.stat().st_size for f in path.iterdir()) if self.is_main else 0
+        self.report_checkpoint(progress, path, self.state.step, time.perf_counter() - t0, size)
         return path
 
-    def finish_checkpoint(self, progress: Progress) -> Path | None:
+    def finish_checkpoint(self, progress: Progress, wait: bool = True) -> Path | None:
         """Publish the async save in flight, if any (collective: every rank calls it at the same step): wait for this
-        rank's writer, then the vote. A writer's error on any rank is raised here on every rank, 'latest' unchanged."""
+        rank's writer, then the vote. A writer's error on any rank is raised here on every rank, 'latest' unchanged.
+        ``wait=False`` (a step boundary): rank 0 renames it into place in the background, and the next call (the next
+        checkpoint, the end, a stop) settles that first; ``wait=True``: published when this returns."""
+        if self.publishing is not None:
+            publishing, self.publishing = self.publishing, None
+            publishing.settle()  # a failure to publish raises on every rank
         if self.saving is None:
             return None
         saving, self.saving, self.saves_written = self.saving, None, False
         t0 = time.perf_counter()
-        path = saving.commit()
+        path = saving.commit(background=not wait)
+        if not wait:
+            self.publishing = saving
         self.last_checkpoint = saving.step
         held = self.saving_held + time.perf_counter() - t0
-        self.report_checkpoint(progress, path, saving.step, held, written=saving.write_seconds)
+        size = saving.bytes() if self.is_main else 0
+        self.report_checkpoint(progress, path, saving.step, held, size, written=saving.write_seconds)
         return path
 
     def report_checkpoint(
-        self, progress: Progress, path: Path, step: int, seconds: float, written: float | None = None
+        self, progress: Progress, path: Path, step: int, seconds: float, size: int, written: float | None = None
     ) -> None:
         """A metrics record and a line on rank 0. ``step``: when it was published (the metrics' steps only grow);
         ``checkpoint_step``: the step it holds (the same, unless async). ``seconds``: what training waited for the
         save; with async, ``write_seconds`` is the background writer's time."""
         if not self.is_main:
             return
-        size = sum(f.stat().st_size for f in path.iterdir())
         record = {"kind": "checkpoint", "step": self.state.step, "checkpoint_step": step, "path": str(path)}
         record.update(seconds=seconds, bytes=size)
         if written is None:
