@@ -6,6 +6,12 @@ MoEAdam moments and per-row steps, each rank's RNG and recording window. Reporte
 over that count (exactly 1.0 when nothing is written twice and nothing is missing), the file bytes over it (headers
 and the manifest on top), and save / load seconds (median of ``--repeats``; load includes verification of every
 checksum) against one training step. DeepSpeed engine; ZeRO 0 and 2 (ZeRO 2 gathers partitioned state to save).
+
+Then what a save costs training: a training step with a save in flight over one without (the median over
+``--repeats`` of each repeat's ratio to its own plain steps, interleaved; the slower rank's). Synchronous: the save and
+the step after it, over a step. ``checkpoint.async``: from taking the state through the steps trained while the
+background writer runs until the checkpoint is published at a step boundary (the trainer's own path:
+``Trainer.checkpoint``, the writers' agreement in the step's flags, ``finish_checkpoint``), per step, over a step.
 """
 
 from __future__ import annotations
@@ -63,7 +69,13 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     rows = []
     for stage in a.stages:
-        cfg = load_config([f"engine.zero_stage={stage}", "engine.precision=fp32", "logging.wandb=disabled"])
+        overrides = [
+            f"engine.zero_stage={stage}",
+            "engine.precision=fp32",
+            "logging.wandb=disabled",
+            "checkpoint.async=true",
+        ]
+        cfg = load_config(overrides)
         trainer = Trainer(cfg, load_corpus(cfg.data), build_groups(world), torch.device("cpu"))
         step_s = []
         for _ in range(a.steps):  # Adam state everywhere, and adaptation windows under way
@@ -81,7 +93,9 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
             t0 = time.perf_counter()
             load_checkpoint(trainer, root)
             loads.append(time.perf_counter() - t0)
-        times = torch.tensor([statistics.median(saves), statistics.median(loads)], dtype=torch.float64)
+        costs = in_flight_steps(trainer, Path(a.dir) / f"costs{stage}", a)
+        medians = [statistics.median(v) for v in (saves, loads, *(costs[k] for k in COSTS))]  # ratios: per repeat
+        times = torch.tensor(medians, dtype=torch.float64)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)  # as slow as the slowest rank
         state = torch.tensor([state_bytes(trainer)], dtype=torch.int64)
         dist.all_reduce(state)
@@ -103,9 +117,65 @@ def body(rank: int, world: int, a: argparse.Namespace) -> list[dict]:
                 "file_bytes_over_state": file_bytes / int(state),
                 "save_MB_per_s": file_bytes / 1e6 / float(times[0]),
                 "shards": len(manifest.files),
+                "plain_step_s": float(times[2]),
+                "sync_save_step_over_plain": float(times[3]),
+                "async_save_step_over_plain": float(times[4]),
+                "async_take_s": float(times[5]),
+                "async_publish_s": float(times[6]),
+                "in_flight_step_over_plain": float(times[7]),
+                "async_steps_in_flight": statistics.mean(costs["in_flight"]),
             }
         )
     return rows
+
+
+COSTS = ("plain", "sync_ratio", "async_ratio", "take", "publish", "in_flight_ratio")
+
+
+def in_flight_steps(trainer, root: Path, a: argparse.Namespace) -> dict[str, list[float]]:
+    """Per repeat, interleaved: two plain steps; a synchronous save and the step after it; an async save and the steps
+    until it is published, per step. Each over the repeat's plain step (the machine's load drifts less within a
+    repeat). Also, of the async save: seconds taking the state (with settling the previous one's publication) and
+    publishing it (the final wait, the vote; rank 0 then renames it into place in a thread), the steps trained while
+    it was written over a plain step, and how many there were."""
+    from dynmoe_dist.train.checkpointing import save_checkpoint
+    from dynmoe_dist.train.progress import Progress
+
+    progress = Progress(1, 0, "none", False)
+    trainer.checkpoint_root = root / "async"
+    out: dict[str, list[float]] = {k: [] for k in (*COSTS, "in_flight")}
+    for _ in range(a.repeats):
+        plain = []
+        for _ in range(2):
+            dist.barrier()
+            t0 = time.perf_counter()
+            trainer.train_step()
+            plain.append(time.perf_counter() - t0)
+        step = statistics.mean(plain)
+        out["plain"].append(step)
+        dist.barrier()
+        t0 = time.perf_counter()
+        save_checkpoint(trainer, root / "sync", keep=1, config=None)
+        trainer.train_step()
+        out["sync_ratio"].append((time.perf_counter() - t0) / step)
+        dist.barrier()
+        t0 = time.perf_counter()
+        trainer.checkpoint(progress)
+        t1 = time.perf_counter()
+        steps = 0
+        while not trainer.saves_written:  # set by the step's agreement once every rank's writer has finished
+            trainer.train_step()
+            steps += 1
+        t2 = time.perf_counter()
+        trainer.finish_checkpoint(progress, wait=False)  # as at a step boundary in fit: rank 0 renames in a thread
+        t3 = time.perf_counter()
+        out["async_ratio"].append((t3 - t0) / steps / step)
+        out["take"].append(t1 - t0)
+        out["publish"].append(t3 - t2)
+        out["in_flight_ratio"].append((t2 - t1) / steps / step)
+        out["in_flight"].append(steps)
+    trainer.finish_checkpoint(progress)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,5 +202,12 @@ def main(argv: list[str] | None = None) -> None:
         "file_bytes_over_state",
         "save_MB_per_s",
         "shards",
+        "plain_step_s",
+        "sync_save_step_over_plain",
+        "async_save_step_over_plain",
+        "async_take_s",
+        "async_publish_s",
+        "in_flight_step_over_plain",
+        "async_steps_in_flight",
     ]
     emit("checkpoint", rows, cols, meta, a.json)

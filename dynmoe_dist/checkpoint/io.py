@@ -10,9 +10,10 @@ Save (every rank, same order):
   4. rank 0 writes manifest.json, renames the folder to ``step_NNNNNN``, points ``latest`` at it, prunes to ``keep``.
 
 ``save`` runs them in a row. ``save_async`` runs step 1 and copies every tensor into host memory, then a background
-thread writes step 2's shards while training goes on; steps 3 and 4 are collectives, so they stay on the training
-thread: ``AsyncSave.commit``, which every rank calls at the same point (the trainer's next step boundary once every
-rank's writer has finished), waits for this rank's writer and then votes and publishes as ``save`` does.
+thread writes step 2's shards while training goes on. Step 3 is collective, so it stays on the training thread:
+``AsyncSave.commit``, which every rank calls at the same point (the trainer's next step boundary once every rank's
+writer has finished), waits for this rank's writer and votes; step 4 follows on rank 0, inline or (``background``) in
+a thread that ``AsyncSave.settle`` (collective) waits for and reports on before the next save begins.
 
 Load: rank 0 verifies the manifest against the files (sizes, checksums, tensor shapes and dtypes) and against the model
 (dense names and shapes, MoE layers, expert shapes); every rank gets the verdict, so all stop with the same list of
