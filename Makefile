@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks train --json $(RESULTS)/train.json
 	$(PY) -m benchmarks train --variants ours_top2,deepspeed_dropless,deepspeed_cf1 --rounds 8 --json $(RESULTS)/train_targets.json
 	$(PY) -m benchmarks checkpoint --json $(RESULTS)/checkpoint.json
+	$(PY) -m benchmarks hf --json $(RESULTS)/hf.json
 	$(PY) -m benchmarks report --write README.md
 
 # What each gate buys in model quality (hours: 12 variants x 2 seeds x 300 and 1000 steps, 2 ranks each). Every run is

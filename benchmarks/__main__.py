@@ -16,6 +16,7 @@ BENCHMARKS = {
     "adapt": "benchmarks.adapt",
     "train": "benchmarks.train",
     "checkpoint": "benchmarks.checkpoint",
+    "hf": "benchmarks.hf",  # a transformers MoE model's training step, as transformers runs it and converted
     "gpu": "benchmarks.gpu",  # one CUDA device: the layer against its grouped GEMMs, Mixtral's block and DeepSpeed
     "quality": "benchmarks.quality",  # hours: validation loss per gate at equal model, data, steps and seeds
     "report": "benchmarks.summary",  # the README's results table from benchmarks/results/*.json

@@ -242,6 +242,29 @@ def checkpoint_rows(doc: dict) -> list[Row]:
     ]  # fmt: skip
 
 
+HF_FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}
+HF_TARGETS = {"time_ratio": 0.8, "mem_ratio": 1.0}  # bench hf's targets (its TARGETS), at 1 rank
+
+
+def hf_rows(doc: dict) -> list[Row]:
+    """The converted model's training step over transformers' own: at 1 rank time and peak memory against ``bench
+    hf``'s targets, each a row; at more ranks both in one row, measured without a target."""
+    rows = []
+    for world in sorted({r["world"] for r in doc["results"]}):
+        runs = [r for r in doc["results"] if r["world"] == world]
+        names = ", ".join(HF_FAMILIES.get(r["family"], r["family"]) for r in runs)
+        what = f"transformers MoE training step, {world} rank{'s' if world > 1 else ''}: converted / transformers"
+        if world > 1:
+            measured = "; ".join(", ".join(fmt(r[key]) for r in runs) for key in HF_TARGETS)
+            rows.append(Row(f"{what}, step time; peak memory ({names})", measured))
+            continue
+        for key, metric in (("time_ratio", "step time"), ("mem_ratio", "peak memory")):
+            values = [r[key] for r in runs]
+            measured = "; ".join(fmt(v) for v in values)
+            rows.append(judged(f"{what}, {metric} ({names})", values, measured, Target("<=", HF_TARGETS[key])))
+    return rows
+
+
 # document name -> (what it is, when it is missing; its rows). The train documents share one function (train_ratios).
 DOCUMENTS: dict[str, tuple[str, Callable[[dict], list[Row]] | None]] = {
     "layer": ("layer / its expert matmuls alone", layer_rows),
@@ -255,6 +278,7 @@ DOCUMENTS: dict[str, tuple[str, Callable[[dict], list[Row]] | None]] = {
     "train_targets": ("end to end: (a) / (b) and (a) / (c), the targets run", None),
     "train": ("end to end: every variant", None),
     "checkpoint": ("checkpoint bytes / training state", checkpoint_rows),
+    "hf": ("transformers MoE training step: converted / transformers", hf_rows),
 }
 TRAIN_DOCUMENTS = ("train_targets", "train")
 

@@ -100,6 +100,8 @@ def results(tmp_path: Path) -> Path:
             ratio("ours_top2_aten / deepspeed_cf1", 2, 1.0, 0.9, 1.1, None, 1.0),  # no target, shown all the same
         ],
     )
+    hf = [(1, "mixtral", 0.75, 0.9), (1, "qwen2_moe", 0.85, 1.0), (2, "mixtral", 1.3, 0.6), (2, "qwen2_moe", 1.1, 0.7)]
+    write(folder, "hf", [{"world": w, "family": f, "time_ratio": t, "mem_ratio": m} for w, f, t, m in hf])
     return folder
 
 
@@ -142,6 +144,17 @@ def test_report_rows_and_verdicts(results: Path) -> None:
     assert (dc["verdict"], dc["document"]) == ("missed", "`train`")
     assert by_what(rows, "end to end: (k)")["verdict"] == "-"
     assert not [r for r in rows if "(i)" in r["what"]]  # a ratio without a target is not a row (but (k)'s)
+
+
+def test_hf_rows_judge_one_rank_and_show_two(results: Path) -> None:
+    rows = table_rows(summary.report(results))
+    time1 = by_what(rows, "transformers MoE training step, 1 rank: converted / transformers, step time")
+    assert time1["what"].endswith("(Mixtral, Qwen2-MoE)") and time1["measured"] == "0.75; 0.85"
+    assert (time1["target"], time1["verdict"]) == ("<= 0.8", "missed")  # Qwen2-MoE's 0.85 > 0.8
+    mem1 = by_what(rows, "transformers MoE training step, 1 rank: converted / transformers, peak memory")
+    assert (mem1["measured"], mem1["target"], mem1["verdict"]) == ("0.90; 1.00", "<= 1.0", "met")
+    two = by_what(rows, "transformers MoE training step, 2 ranks: converted / transformers, step time; peak memory")
+    assert (two["measured"], two["target"], two["verdict"]) == ("1.30, 1.10; 0.60, 0.70", "-", "-")  # no target
 
 
 def test_missing_documents_are_rows_that_say_so(results: Path) -> None:
