@@ -222,3 +222,29 @@ def test_two_ranks_equal_sync_and_a_failed_writer_leaves_latest(tmp_path: Path) 
         assert "'latest' is unchanged" in message
         assert 4 < step <= 6, step  # at a later step boundary: training went on while the writers ran
     assert latest(root).name == "step_000002" and [p.name for p in published(root)] == ["step_000002"]
+
+
+def case_failing_sync_publish(root: str) -> tuple[str, int]:
+    """A synchronous save whose publishing fails on rank 0 (the second checkpoint's manifest): every rank learns it in
+    the vote that ends the save, none waits on a barrier rank 0 never reaches."""
+    t = trainer(Path(root), False, dist_pool.groups(2))
+    calls = []
+
+    def fault(stage: str) -> None:
+        if stage == "manifest":
+            calls.append(stage)
+            if len(calls) == 2:
+                raise OSError(5, "Input/output error")
+
+    t.checkpoint_fault = fault
+    with pytest.raises(CheckpointError) as err:
+        t.fit()
+    return str(err.value), t.state.step
+
+
+def test_two_ranks_a_failed_synchronous_publish_stops_both(tmp_path: Path) -> None:
+    root = tmp_path / "sync-failed"
+    for message, step in dist_pool.pool(2).run(case_failing_sync_publish, str(root)):
+        assert "checkpoint of step 4 not published (rank 0: OSError: [Errno 5] Input/output error)" in message, message
+        assert step == 4
+    assert latest(root).name == "step_000002"

@@ -264,9 +264,9 @@ def commit(pending: PendingSave, background: bool = False) -> Path:
             pending.publisher = threading.Thread(target=_publish_or_keep_error, args=(pending,), name=f"publish-{step}")
             pending.publisher.start()
             return final
-        _publish(pending)
-    if _world(groups) is not None and not background:
-        guarded("checkpoint.published", lambda: dist.barrier(group=_world(groups)))
+        _publish_or_keep_error(pending)
+    if not background:
+        settle(pending)  # the vote is the barrier: every rank learns whether rank 0 published, none waits on a failure
     return final
 
 
