@@ -242,6 +242,29 @@ def checkpoint_rows(doc: dict) -> list[Row]:
     ]  # fmt: skip
 
 
+QUALITY_LABELS = {
+    "top_any_demo": "Top-Any, `make train`'s gate",
+    "top_any_paper": "Top-Any, `moe=top_any adapt=dynmoe_paper`",
+}
+
+
+def quality_rows(doc: dict) -> list[Row]:
+    """Top-Any against fixed top-2 at equal model, data, steps and seeds (docs/ALGORITHMS.md section 6)."""
+    corpus, world = doc["meta"]["corpus"], doc["meta"]["world"]
+    rows = []
+    for r in doc["results"]:
+        if r["variant"] == "top2" or r.get("loss_vs_top2") is None or not r["variant"].startswith("top_any"):
+            continue
+        label = QUALITY_LABELS.get(r["variant"], r["variant"])
+        what = f"quality, {corpus} corpus, {world} ranks, {r['steps']} steps, {r['seeds']} seeds: {label}"
+        rows += [
+            judged(f"{what}, validation loss / top-2's", [r["loss_vs_top2"]], fmt(r["loss_vs_top2"], 3),
+                   Target("<=", 1.01)),
+            judged(f"{what}, experts per token (last quarter)", [r["avg_k"]], fmt(r["avg_k"]), Target("<=", 2.0)),
+        ]  # fmt: skip
+    return rows
+
+
 HF_FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}
 HF_TARGETS = {"time_ratio": 0.8, "mem_ratio": 1.0}  # bench hf's targets (its TARGETS), at 1 rank
 
@@ -279,6 +302,7 @@ DOCUMENTS: dict[str, tuple[str, Callable[[dict], list[Row]] | None]] = {
     "train": ("end to end: every variant", None),
     "checkpoint": ("checkpoint bytes / training state", checkpoint_rows),
     "hf": ("transformers MoE training step: converted / transformers", hf_rows),
+    "quality_stdlib": ("model quality per gate on the embedded corpus (make quality)", quality_rows),
 }
 TRAIN_DOCUMENTS = ("train_targets", "train")
 

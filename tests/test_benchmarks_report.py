@@ -146,6 +146,27 @@ def test_report_rows_and_verdicts(results: Path) -> None:
     assert not [r for r in rows if "(i)" in r["what"]]  # a ratio without a target is not a row (but (k)'s)
 
 
+def test_quality_rows_judge_each_top_any_variant_against_top_2(results: Path) -> None:
+    """Loss over top-2's (<= 1.01) and experts per token (<= 2.0), per Top-Any variant; top-2 and the other gates make
+    no row."""
+    variants = [
+        {"variant": "top2", "steps": 300, "seeds": 4, "loss_vs_top2": 1.0, "avg_k": 2.0},
+        {"variant": "top_any_demo", "steps": 300, "seeds": 4, "loss_vs_top2": 0.964, "avg_k": 1.78},
+        {"variant": "top_any_paper", "steps": 300, "seeds": 4, "loss_vs_top2": 1.02, "avg_k": 2.1},
+        {"variant": "top_p", "steps": 300, "seeds": 4, "loss_vs_top2": 0.99, "avg_k": 1.5},
+    ]
+    write(results, "quality_stdlib", variants, corpus="stdlib", world=2)
+    rows = [r for r in table_rows(summary.report(results)) if r["what"].startswith("quality")]
+    assert len(rows) == 4
+    demo = "quality, stdlib corpus, 2 ranks, 300 steps, 4 seeds: Top-Any, `make train`'s gate"
+    assert by_what(rows, f"{demo}, validation loss")["measured"] == "0.964"
+    assert by_what(rows, f"{demo}, validation loss")["verdict"] == "met"
+    assert by_what(rows, f"{demo}, experts per token")["verdict"] == "met"
+    paper = "quality, stdlib corpus, 2 ranks, 300 steps, 4 seeds: Top-Any, `moe=top_any adapt=dynmoe_paper`"
+    assert by_what(rows, f"{paper}, validation loss")["verdict"] == "missed"
+    assert by_what(rows, f"{paper}, experts per token")["verdict"] == "missed"
+
+
 def test_hf_rows_judge_one_rank_and_show_two(results: Path) -> None:
     rows = table_rows(summary.report(results))
     time1 = by_what(rows, "transformers MoE training step, 1 rank: converted / transformers, step time")
@@ -160,7 +181,9 @@ def test_hf_rows_judge_one_rank_and_show_two(results: Path) -> None:
 def test_missing_documents_are_rows_that_say_so(results: Path) -> None:
     rows = table_rows(summary.report(results))
     missing = {r["document"].strip("`") for r in rows if r["verdict"] == "not run"}
-    assert missing == {"layer_sweep_onednn", "row_ops", "cpu_gemm", "expert_parallel_sweep", "checkpoint"}
+    assert missing == {"layer_sweep_onednn", "row_ops", "cpu_gemm", "expert_parallel_sweep", "checkpoint"} | {
+        "quality_stdlib"
+    }
     assert all(r["measured"] == "not run" and r["machine"] == "-" for r in rows if r["verdict"] == "not run")
     (results / "train_targets.json").unlink()
     rows = table_rows(summary.report(results))
@@ -215,7 +238,8 @@ def test_write_without_markers_says_what_is_missing(results: Path, tmp_path: Pat
 def test_every_make_bench_document_has_rows() -> None:
     makefile = (REPO / "Makefile").read_text()
     written = set(re.findall(r"-m benchmarks \w+ .*--json \$\(RESULTS\)/(\w+)\.json", makefile))
-    assert written == set(summary.DOCUMENTS)
+    assert "-m benchmarks quality" in makefile  # make quality: benchmarks/results/quality_stdlib.json by default
+    assert written | {"quality_stdlib"} == set(summary.DOCUMENTS)
 
 
 def test_readme_table_is_the_one_the_committed_documents_give(capsys) -> None:
