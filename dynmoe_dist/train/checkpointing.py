@@ -68,38 +68,19 @@ def join_state(plain: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(trainer, root: Path, keep: int, config: dict | None, fault: Callable | None = None) -> Path:
-    plain, tensors = split_state(trainer.state_dict())
-    return save(
-        root,
-        trainer.state.step,
-        trainer.groups,
-        trainer.model,
-        trainer.moe_opt,
-        dense_state(trainer),
-        plain,
-        tensors,
-        config=config,
-        keep=keep,
-        fault=fault,
-    )
+    """The state of this step, written and published before this returns (collective)."""
+    return _save(save, trainer, root, keep, config, fault)
 
 
 def begin_checkpoint(trainer, root: Path, keep: int, config: dict | None, fault: Callable | None = None) -> AsyncSave:
     """The state of this step taken now (collective), written by a background thread; ``commit()`` publishes it."""
+    return _save(save_async, trainer, root, keep, config, fault)
+
+
+def _save(how: Callable, trainer, root: Path, keep: int, config: dict | None, fault: Callable | None):
     plain, tensors = split_state(trainer.state_dict())
-    return save_async(
-        root,
-        trainer.state.step,
-        trainer.groups,
-        trainer.model,
-        trainer.moe_opt,
-        dense_state(trainer),
-        plain,
-        tensors,
-        config=config,
-        keep=keep,
-        fault=fault,
-    )
+    state = (trainer.state.step, trainer.groups, trainer.model, trainer.moe_opt, dense_state(trainer), plain, tensors)
+    return how(root, *state, config=config, keep=keep, fault=fault)
 
 
 def load_checkpoint(trainer, path: Path) -> Manifest:
