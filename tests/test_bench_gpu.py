@@ -23,17 +23,9 @@ RATIOS = {
     "top2": ("layer_over_experts", "ours_over_mixtral", "ours_over_ds", "ours_over_ds_cf1"),
     "top_any": ("layer_over_experts",),
 }
+SHAPE_FIELDS = ("gate", "experts", "d_model", "d_ff", "tokens", "rows", "avg_k", "layer_ms", "experts_ms", "syncs")
 TOP2_FIELDS = (
-    "gate",
-    "experts",
-    "d_model",
-    "d_ff",
-    "tokens",
-    "rows",
-    "avg_k",
-    "layer_ms",
-    "experts_ms",
-    "syncs",
+    *SHAPE_FIELDS,
     "syncs_target",
     "peer_syncs",
     "checks",
@@ -44,21 +36,7 @@ TOP2_FIELDS = (
     "verdicts",
     *(f"{r}{f}" for r in RATIOS["top2"] for f in RATIO_FIELDS),
 )
-TOP_ANY_FIELDS = (
-    "gate",
-    "experts",
-    "d_model",
-    "d_ff",
-    "tokens",
-    "rows",
-    "avg_k",
-    "layer_ms",
-    "experts_ms",
-    "syncs",
-    "syncs_target",
-    "verdicts",
-    *(f"layer_over_experts{f}" for f in RATIO_FIELDS),
-)
+TOP_ANY_FIELDS = (*SHAPE_FIELDS, "syncs_target", "verdicts", *(f"layer_over_experts{f}" for f in RATIO_FIELDS))
 META_FIELDS = ("device", "dtype", "tokens", "d_model", "k", "rounds", "warmup", "targets", "timing", "syncs", "skipped")
 
 
