@@ -209,14 +209,18 @@ class HFModel(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.vocab_size = int(hf_model.config.vocab_size)
+        self._blocks: list | None = None  # the converted blocks, found once (a plain list: not registered twice)
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
     def blocks(self) -> list:
-        from dynmoe_dist.hf import moe_blocks
+        """The model's MoE blocks; adaptation changes their experts, never which blocks there are."""
+        if self._blocks is None:
+            from dynmoe_dist.hf import moe_blocks
 
-        return [b for _, b in moe_blocks(self.hf)]
+            self._blocks = [b for _, b in moe_blocks(self.hf)]
+        return self._blocks
 
     @torch.no_grad()
     def settle_calibration(self) -> None:
