@@ -6,11 +6,11 @@ Qwen2-MoE-shaped one (softmax top-2, not renormalised, a shared expert behind it
 backward and optimizer step:
 
 * ``transformers``: the model as ``from_config`` builds it, with transformers' default experts implementation
-  (``grouped_mm``), trained by one torch AdamW; at 2 ranks plain data parallel (``DistributedDataParallel``), every
-  rank holding every expert;
+  (``grouped_mm``), trained by one torch AdamW on its fused kernel (the optimizer transformers' Trainer defaults to);
+  at 2 ranks plain data parallel (``DistributedDataParallel``), every rank holding every expert;
 * ``ours``: the same weights after ``convert(model)`` (the family's own routing, ``router=None``), the dense side on
-  torch AdamW and the MoE side on ``MoEAdam``; at 2 ranks the experts sharded over the expert-parallel group
-  (``convert(model, groups=...)``) and the gradients reduced by ``sync_gradients``.
+  the same fused AdamW and the MoE side on ``MoEAdam`` (fused too); at 2 ranks the experts sharded over the
+  expert-parallel group (``convert(model, groups=...)``) and the gradients reduced by ``sync_gradients``.
 
 The objective is the language-model loss alone (transformers' ``output_router_logits`` off, our blocks' balance loss
 not added), so both sides compute the same function: the losses of the first two steps (before and after one
@@ -96,14 +96,16 @@ class Stepper:
         self.groups = groups if ours and world > 1 else None
         if ours:
             from dynmoe_dist.hf import moe_blocks
-            from dynmoe_dist.optim import MoEAdam
+            from dynmoe_dist.optim import MoEAdam, dense_adamw
 
             moe = {id(p) for _, b in moe_blocks(model) for p in b.moe.moe_parameters()}
             dense = [p for p in model.parameters() if id(p) not in moe]
-            self.optimizers = [torch.optim.AdamW(dense, lr=lr, weight_decay=0.0), MoEAdam.for_moe(model, lr=lr)]
+            self.optimizers = [dense_adamw(dense, lr=lr, weight_decay=0.0), MoEAdam.for_moe(model, lr=lr)]
             self.forward = model
         else:
-            self.optimizers = [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)]
+            from dynmoe_dist.optim import dense_adamw
+
+            self.optimizers = [dense_adamw(model.parameters(), lr=lr, weight_decay=0.0)]
             self.forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def __call__(self, ids: torch.Tensor) -> float:

@@ -317,6 +317,7 @@ class TutelNative:
     expert gradients local (every expert lives on one rank), one global gradient norm for clipping."""
 
     def __init__(self, cfg, corpus, rank: int, world: int, capacity_factor: float) -> None:
+        from dynmoe_dist.optim import dense_adamw
         from dynmoe_dist.train.data import SequenceStream
         from dynmoe_dist.train.engines import dense_param_groups
         from dynmoe_dist.train.model import Transformer
@@ -337,9 +338,7 @@ class TutelNative:
         self.shared = [p for p in params if not getattr(p, "_tutel_expert", False)]
         self.experts = [p for p in params if getattr(p, "_tutel_expert", False)]
         o = cfg.optim
-        self.opt = torch.optim.AdamW(
-            dense_param_groups(params, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
-        )
+        self.opt = dense_adamw(dense_param_groups(params, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         d = cfg.data
         self.stream = SequenceStream(corpus.train, d.seq_len, d.batch_size, rank, world, d.seed, m.vocab_size)
         self.step = 0
@@ -393,6 +392,7 @@ class DeepSpeedNative:
     def __init__(self, cfg, corpus, rank: int, world: int, drop_tokens: bool) -> None:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+        from dynmoe_dist.optim import dense_adamw
         from dynmoe_dist.train.data import SequenceStream
         from dynmoe_dist.train.engines import deepspeed_config, dense_param_groups
         from dynmoe_dist.train.engines.deepspeed_engine import import_deepspeed
@@ -415,7 +415,7 @@ class DeepSpeedNative:
         ]
         groups = split_params_into_different_moe_groups_for_optimizer(named)  # DeepSpeed needs them named
         o = cfg.optim
-        self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.opt = dense_adamw(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         ds = deepspeed_config(cfg.data.batch_size, world, cfg.engine.zero_stage, "fp32", {})
         ds["gradient_clipping"] = o.grad_clip
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.opt, config=ds)
@@ -657,7 +657,8 @@ def main(argv: list[str] | None = None) -> None:
         "threads_per_rank": a.threads,
         "tokens_per_rank_per_step": a.batch * a.seq_len,
         "model": f"d={a.d_model} layers={a.layers} moe_every={a.moe_every} experts={a.experts} d_ff={a.d_ff}",
-        "engine": "DeepSpeed ZeRO 0, fp32, CPU gloo (Tutel: torch AdamW, flat all-reduce of non-expert gradients)",
+        "engine": "DeepSpeed ZeRO 0, fp32, CPU gloo, fused AdamW (Tutel: torch AdamW, fused, flat all-reduce of "
+        "non-expert gradients)",
         "tutel": "tutel.moe.moe_layer, top-2 fp32 gate, bias-free GELU experts" if tutel_ok else f"absent: {tutel_why}",
         "warm_steps": a.warm_steps,
         "peer_huge_pages": a.peer_huge_pages,

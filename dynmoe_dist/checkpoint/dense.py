@@ -16,13 +16,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..optim.adamw import step_on_device
+
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def adam_state(param: torch.Tensor, step: float = 0.0) -> dict[str, torch.Tensor]:
-    """A fresh AdamW state in torch's own layout (a float32 step scalar on the CPU)."""
+def step_tensor(step: float, param: torch.Tensor, on_device: bool) -> torch.Tensor:
+    """AdamW's step count as torch keeps it: a float32 scalar, on the CPU, or on the parameter's device for a fused
+    optimizer (``on_device``)."""
+    return torch.tensor(float(step), device=param.device if on_device else "cpu")
+
+
+def adam_state(param: torch.Tensor, step: float = 0.0, on_device: bool = False) -> dict[str, torch.Tensor]:
+    """A fresh AdamW state in torch's own layout."""
     return {
-        "step": torch.tensor(float(step)),
+        "step": step_tensor(step, param, on_device),
         "exp_avg": torch.zeros_like(param, dtype=torch.float32),
         "exp_avg_sq": torch.zeros_like(param, dtype=torch.float32),
     }
@@ -33,6 +41,7 @@ class DenseState:
 
     def __init__(self, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer) -> None:
         self.named, self.opt = named, optimizer
+        self.on_device = step_on_device(optimizer)
 
     def master(self, param: nn.Parameter) -> torch.Tensor:
         return param
@@ -41,7 +50,7 @@ class DenseState:
         out = {}
         for name, p in self.named:
             master = self.master(p)
-            state = self.opt.state.get(master) or adam_state(master)
+            state = self.opt.state.get(master) or adam_state(master, on_device=self.on_device)
             out[f"dense/{name}"] = master.detach().float().cpu()
             for key in STATE_KEYS:
                 out[f"dense/{name}@{key}"] = state[key].detach().float().cpu()
@@ -56,7 +65,7 @@ class DenseState:
             master.copy_(value.to(master.device, master.dtype))
             if master is not p:
                 p.copy_(value.to(p.device, p.dtype))
-            state = adam_state(master, float(tensors[f"dense/{name}@step"]))
+            state = adam_state(master, float(tensors[f"dense/{name}@step"]), self.on_device)
             for key in STATE_KEYS:
                 state[key] = tensors[f"dense/{name}@{key}"].to(master.device, master.dtype).clone()
             self.opt.state[master] = state
@@ -92,7 +101,7 @@ class ZeroPartitions(DenseState):
         for group in self.opt.param_groups:
             for flat in group["params"]:
                 if not self.opt.state.get(flat):
-                    self.opt.state[flat] = adam_state(flat)
+                    self.opt.state[flat] = adam_state(flat, on_device=self.on_device)
         self.wrapper._hp_optimizer_states_linked = False
         self.wrapper._lazy_init_hp_params_optimizer_state()
 
@@ -128,4 +137,4 @@ class ZeroPartitions(DenseState):
             steps.add(float(tensors[f"dense/{name}@step"]))
         for group in self.opt.param_groups:
             for flat in group["params"]:
-                self.opt.state[flat]["step"] = torch.tensor(max(steps, default=0.0))
+                self.opt.state[flat]["step"] = step_tensor(max(steps, default=0.0), flat, self.on_device)

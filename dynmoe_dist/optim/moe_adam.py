@@ -13,10 +13,64 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.optim.adam import adam
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import check
+from .adamw import fused_runs_on
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+class _Batch:
+    """The tensors of one parameter group's update, handed to torch's fused AdamW kernel in one call: one pass over
+    each parameter instead of one per elementwise op (about a tenth of the time on CPU). A parameter whose rows are at
+    different steps goes in row by row, each row with its own step count and so its own bias correction."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.exp_avgs: list[torch.Tensor] = []
+        self.exp_avg_sqs: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []  # float32 copies of the counts before this step (the kernel adds one)
+
+    def add(self, p: torch.Tensor, state: dict[str, torch.Tensor], per_row: bool) -> None:
+        step = state["step"].to(torch.float32)
+        if per_row:
+            self.params += p.unbind(0)
+            self.grads += p.grad.unbind(0)
+            self.exp_avgs += state["exp_avg"].unbind(0)
+            self.exp_avg_sqs += state["exp_avg_sq"].unbind(0)
+            self.steps += step.unbind(0)
+        else:
+            self.params.append(p)
+            self.grads.append(p.grad)
+            self.exp_avgs.append(state["exp_avg"])
+            self.exp_avg_sqs.append(state["exp_avg_sq"])
+            self.steps.append(step.reshape(-1)[0])
+
+    def run(self, group: dict) -> None:
+        if not self.params:
+            return
+        beta1, beta2 = group["betas"]
+        adam(
+            self.params,
+            self.grads,
+            self.exp_avgs,
+            self.exp_avg_sqs,
+            [],
+            self.steps,
+            fused=fused_runs_on(self.params),
+            foreach=False,
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
 
 
 class MoEAdam(torch.optim.Optimizer):
@@ -37,6 +91,7 @@ class MoEAdam(torch.optim.Optimizer):
         if other:
             groups.append({"params": other, "rowwise": False})
         super().__init__(groups, defaults)
+        self._same_step: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     @classmethod
     def for_moe(cls, model: nn.Module, **kwargs) -> MoEAdam:
@@ -64,22 +119,25 @@ class MoEAdam(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: D102
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            batch = _Batch()
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state_for(p, group["rowwise"])
+                if p.numel():
+                    batch.add(p, state, per_row=group["rowwise"] and not self.same_step(state["step"]))
                 state["step"] += 1
-                step = state["step"].to(p.dtype).reshape(state["step"].shape + (1,) * (p.dim() - state["step"].dim()))
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                bias1 = 1 - beta1**step
-                bias2 = 1 - beta2**step
-                denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-                p.addcdiv_(state["exp_avg"] / bias1, denom, value=-group["lr"])
+            batch.run(group)
         return loss
+
+    def same_step(self, step: torch.Tensor) -> bool:
+        """Whether every row of a parameter is at the same step (true until adaptation adds a row): then the whole
+        tensor is one update. Remembered per step tensor, which every change of rows replaces, so the check reads the
+        device once per parameter, not once per step."""
+        known = self._same_step.get(step)
+        if known is None:
+            known = self._same_step[step] = bool((step == step.reshape(-1)[0]).all()) if step.numel() else True
+        return known
 
     def rows_of(self, p: nn.Parameter, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Optimizer state of the given rows of a row-wise parameter (zeros and step 0 if it never stepped)."""

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ...optim import dense_adamw
 from ...optim.clip import scale_gradients, squared_norm
 from ...parallel.grads import sync_gradients
 from .base import Engine, dense_param_groups
@@ -98,7 +99,7 @@ class DeepSpeedEngine(Engine):
         self.view = DenseView(model)
         # lr 0 until the first step sets it: DeepSpeed's bf16 wrapper takes one zero-gradient step while it sets up,
         # which with a real rate would already apply weight decay
-        self.client = torch.optim.AdamW(
+        self.client = dense_adamw(
             dense_param_groups(self.view.parameters(), optim_cfg.weight_decay),
             lr=0.0,
             betas=(optim_cfg.beta1, optim_cfg.beta2),

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ...optim import dense_adamw
 from ...optim.clip import scale_gradients, squared_norm
 from ...parallel.grads import moe_parameter_kinds, sync_gradients
 from .base import Engine, dense_param_groups
@@ -17,7 +18,7 @@ class TorchEngine(Engine):
 
     def __init__(self, model, groups, moe_opt, optim_cfg, precision: str, device: torch.device) -> None:
         super().__init__(model, groups, moe_opt, optim_cfg.grad_clip, device)
-        self.dense_opt = torch.optim.AdamW(
+        self.dense_opt = dense_adamw(
             dense_param_groups(moe_parameter_kinds(model)["dense"], optim_cfg.weight_decay),
             lr=optim_cfg.lr,
             betas=(optim_cfg.beta1, optim_cfg.beta2),
