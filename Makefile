@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PIP := $(PY) -m pip install -c constraints.txt
+PIP := $(PY) -m pip install --no-compile -c constraints.txt
 # Tutel is not on the package index: a wheel built from its repository at the pinned commit, where one is provided.
 WHEELS ?= ../shared/wheels
 export WANDB_MODE ?= offline
