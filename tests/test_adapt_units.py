@@ -604,3 +604,25 @@ def test_expert_biases_are_rows_that_events_keep_copy_and_reset():
         assert before["rows"][(name, 2)][0].abs().sum() > 0  # trained away from zero, so a wrong copy shows
         assert torch.equal(after[(name, 4)][0], before["rows"][(name, 2)][0])  # copied from the busiest survivor
         assert not after[(name, 4)][1]["exp_avg"].any()
+
+
+def test_thresholds_train_at_their_own_rate_and_keep_it_through_an_event():
+    """``optim.threshold_lr_scale``: Top-Any's thresholds in a group of their own at the scaled rate, the rest at the
+    rate set; a committed event's new threshold parameter stays in that group."""
+    layer = MoELayer(8, 16, 4, {"kind": "top_any"}, seed=0)
+    opt = MoEAdam.for_moe(layer, lr=0.1, threshold_lr_scale=0.25)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(layer.router.threshold)]["lr"] == pytest.approx(0.025)
+    assert by_param[id(layer.router.weight)]["lr"] == pytest.approx(0.1)
+    opt.set_lr(0.2)
+    assert by_param[id(layer.router.threshold)]["lr"] == pytest.approx(0.05)
+    assert by_param[id(layer.router.weight)]["lr"] == by_param[id(layer.experts.w_in)]["lr"] == 0.2
+    old = layer.router.threshold
+    state = opt.rows_of(old, torch.arange(3))
+    opt.install_rows(layer.router, "threshold", old.detach()[:3].clone(), state)
+    group = next(g for g in opt.param_groups if any(p is layer.router.threshold for p in g["params"]))
+    assert group["lr_scale"] == 0.25 and all(p is not old for g in opt.param_groups for p in g["params"])
+    # at the default the thresholds share the rows' group, as before the option existed
+    plain = MoELayer(8, 16, 4, {"kind": "top_any"}, seed=0)
+    (rows,) = MoEAdam.for_moe(plain, lr=0.1).param_groups
+    assert any(p is plain.router.threshold for p in rows["params"]) and rows["lr_scale"] == 1.0

@@ -82,11 +82,20 @@ class MoEAdam(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        scaled_rows: Iterable[nn.Parameter] = (),
+        row_lr_scale: float = 1.0,
     ) -> None:
+        """``scaled_rows``: row-wise parameters trained at ``lr * row_lr_scale`` (Top-Any's thresholds under
+        ``optim.threshold_lr_scale``); every group keeps its ``lr_scale``, which a caller setting the rate applies."""
         check(lr >= 0, "lr", lr, "a learning rate >= 0")
         check(0 <= betas[0] < 1 and 0 <= betas[1] < 1, "betas", betas, "two numbers in [0, 1)")
+        check(row_lr_scale >= 0, "row_lr_scale", row_lr_scale, "a factor >= 0")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "rowwise": False}
+        defaults["lr_scale"] = 1.0
         groups = [{"params": list(row_params), "rowwise": True}]
+        scaled = list(scaled_rows)
+        if scaled:
+            groups.append({"params": scaled, "rowwise": True, "lr_scale": row_lr_scale, "lr": lr * row_lr_scale})
         other = list(other_params)
         if other:
             groups.append({"params": other, "rowwise": False})
@@ -94,17 +103,27 @@ class MoEAdam(torch.optim.Optimizer):
         self._same_step: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     @classmethod
-    def for_moe(cls, model: nn.Module, **kwargs) -> MoEAdam:
-        """An optimizer over every MoE layer's gate and expert parameters of ``model``."""
+    def for_moe(cls, model: nn.Module, threshold_lr_scale: float = 1.0, **kwargs) -> MoEAdam:
+        """An optimizer over every MoE layer's gate and expert parameters of ``model``; the gates' thresholds (Top-Any)
+        at ``threshold_lr_scale`` times the rate of the rest."""
         from ..layer import MoELayer
 
-        rows, other = [], []
+        rows, thresholds, other = [], [], []
         for m in model.modules():
             if isinstance(m, MoELayer):
                 row_ids = {id(p) for p in m.row_parameters()}
-                rows += m.row_parameters()
+                scaled = set()
+                if threshold_lr_scale != 1.0:  # one group of rows, as before the option, at the default
+                    scaled = {id(p) for name, p in m.router.row_parameters().items() if name == "threshold"}
+                rows += [p for p in m.row_parameters() if id(p) not in scaled]
+                thresholds += [p for p in m.row_parameters() if id(p) in scaled]
                 other += [p for p in m.router.parameters() if id(p) not in row_ids]
-        return cls(rows, other, **kwargs)
+        return cls(rows, other, scaled_rows=thresholds, row_lr_scale=threshold_lr_scale, **kwargs)
+
+    def set_lr(self, lr: float) -> None:
+        """Every group's rate: ``lr`` times the group's ``lr_scale``."""
+        for group in self.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def state_for(self, p: nn.Parameter, rowwise: bool) -> dict[str, torch.Tensor]:
         state = self.state[p]

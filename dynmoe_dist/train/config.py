@@ -153,6 +153,7 @@ class EngineConfig:
 class OptimConfig:
     lr: float = 3e-3
     moe_lr: Optional[float] = None  # None: lr
+    threshold_lr_scale: float = 1.0  # Top-Any's thresholds train at moe_lr times this (docs/ALGORITHMS.md section 6)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)

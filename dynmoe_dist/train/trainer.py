@@ -92,7 +92,13 @@ class Trainer:
         if self.precision == "fp64":
             self.model.double()
         o = cfg.optim
-        self.moe_opt = MoEAdam.for_moe(self.model, lr=o.moe_lr or o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.moe_opt = MoEAdam.for_moe(
+            self.model,
+            lr=o.moe_lr or o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            threshold_lr_scale=o.threshold_lr_scale,
+        )
         self.engine = self._engine()
         self.adapt = None
         if cfg.adapt.enabled and self.model.moe_layers():

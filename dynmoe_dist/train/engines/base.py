@@ -84,8 +84,7 @@ class Engine:
     def step_moe(self, coef: float, moe_lr: float) -> None:
         kinds = moe_parameter_kinds(self.model)
         scale_gradients(kinds["gate"] + kinds["expert"], coef)
-        for group in self.moe_opt.param_groups:
-            group["lr"] = moe_lr
+        self.moe_opt.set_lr(moe_lr)
         self.moe_opt.step()
         self.moe_opt.zero_grad(set_to_none=True)
         for layer in self.model.modules():
