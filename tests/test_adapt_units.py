@@ -426,11 +426,11 @@ def rows_by_id(layer: MoELayer, opt: MoEAdam) -> dict[tuple[str, int], tuple[tor
     return out
 
 
-def run_to_first_event(init: str, dense_init=None, expert_bias: bool = False):
+def run_to_first_event(init: str, dense_init=None, expert_bias: bool = False, **cfg):
     """Experts 1 and 3 never fire, 0 and 2 leave tokens unrouted; the window of 3 steps closes at step 3."""
     layer = make_layer(5, [0.3, IDLE, 0.1, IDLE], expert_bias=expert_bias)
     policy = PolicyConfig(init=init, direction="mean")  # the reference's gate row: the unrouted tokens' mean
-    opt, ctrl = controller(layer, 1e-3, dense_init, record_steps=3, idle_steps=2, policy=policy)
+    opt, ctrl = controller(layer, 1e-3, dense_init, record_steps=3, idle_steps=2, policy=policy, **cfg)
     loss = None
     for step in range(3):
         opt.zero_grad()
@@ -448,6 +448,19 @@ def run_to_first_event(init: str, dense_init=None, expert_bias: bool = False):
         "unrouted_count": float(layer.recorder.unrouted[-1]),
     }
     return layer, opt, ctrl, before, ctrl.step(), loss
+
+
+@pytest.mark.parametrize("end_step", [None, 5, 4, 3])
+def test_no_event_closer_to_the_end_than_an_idle_window(end_step):
+    """``AdaptConfig.end_step``: the window closing at step 3 acts when the run goes on for at least ``idle_steps``
+    (2) more steps, or when no end is known; with 1 or 0 steps left it takes no event and starts a fresh window."""
+    layer, _, ctrl, before, events, _ = run_to_first_event("copy", end_step=end_step)
+    if end_step in (None, 5):
+        assert [e.kind for e in events] == ["adapt"] and layer.router.expert_ids.tolist() == [0, 2, 4]
+    else:
+        assert events == [] and ctrl.events == []
+        assert layer.router.expert_ids.tolist() == before["ids"] == [0, 1, 2, 3]
+        assert not layer.recorder.tokens.any() and float(layer.recorder.unrouted[-1]) == 0.0
 
 
 def test_new_expert_threshold_is_the_median_by_default():

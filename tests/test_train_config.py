@@ -13,7 +13,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from dynmoe_dist.errors import ConfigError
 from dynmoe_dist.parallel.bootstrap import free_port
-from dynmoe_dist.train.config import CONFIG_DIR, check_config, load_config, router_spec
+from dynmoe_dist.train.config import CONFIG_DIR, adapt_config, check_config, load_config, router_spec
 
 GROUPS = ("model", "moe", "adapt", "parallel", "engine", "optim", "data", "logging")
 
@@ -145,3 +145,10 @@ def test_cli_names_an_unknown_key(launches: Runs) -> None:
     (proc,) = launches.result("unknown")
     assert proc.returncode != 0
     assert "model.layers" in proc.stderr and "not in 'ModelConfig'" in proc.stderr, proc.stderr
+
+
+def test_adaptation_knows_the_end_of_the_run_unless_told_to_act_at_every_window():
+    cfg = load_config(["steps=300"])
+    assert adapt_config(cfg.adapt, cfg.steps).end_step == 300
+    reference = load_config(["steps=300", "adapt=dynmoe_paper", "adapt.skip_near_end=false"])
+    assert adapt_config(reference.adapt, reference.steps).end_step is None

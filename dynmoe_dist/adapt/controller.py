@@ -35,6 +35,10 @@ class AdaptConfig:
     rebalance_threshold: float | None = 1.25  # max / mean rank load that triggers a rebalance; None: never
     max_experts_per_rank: int | None = None
     tolerance: float = 0.05
+    # The run's last optimizer step. A window closing fewer than max(idle_steps, 1) steps before it takes no event:
+    # what an event adds would get too little training to settle (the idle window is that time), and the final
+    # validation, checkpoint and export would hold it untrained. None: no end known, every window acts (the reference).
+    end_step: int | None = None
 
     def __post_init__(self) -> None:
         check(self.record_steps >= 1, "record_steps", self.record_steps, "an integer >= 1")
@@ -87,9 +91,21 @@ class AdaptController:
         self.steps += 1
         events = []
         if self.steps % self.period == self.cfg.record_steps % self.period:  # idle_steps=0: period == record_steps
-            events = [e for layer in self.layers if (e := self.adapt(layer)) is not None]
+            if self.near_end():
+                for layer in self.layers:
+                    layer.recorder.reset(layer.num_experts)
+                log.info("adaptation: no event at step %d, %d before the end of the run", self.steps, self.left())
+            else:
+                events = [e for layer in self.layers if (e := self.adapt(layer)) is not None]
         self._set_recording()
         return events
+
+    def left(self) -> int:
+        return self.cfg.end_step - self.steps if self.cfg.end_step is not None else -1
+
+    def near_end(self) -> bool:
+        """Too close to the run's end for an event to settle (``AdaptConfig.end_step``)."""
+        return self.cfg.end_step is not None and self.left() < max(self.cfg.idle_steps, 1)
 
     def adapt(self, layer: MoELayer) -> AdaptEvent | None:
         """Close ``layer``'s window and apply what it calls for (collective over the world)."""

@@ -131,6 +131,9 @@ class AdaptSettings:
     rebalance_threshold: Optional[float] = 1.25  # max/mean rank load that triggers a rebalance; None: never
     max_experts_per_rank: Optional[int] = None
     tolerance: float = 0.05
+    # no event in the run's last idle_steps (at least 1) steps, where it could not settle; false: every window acts
+    # (the reference code), also at the last step
+    skip_near_end: bool = True
 
 
 @dataclass
@@ -312,7 +315,8 @@ def router_spec(moe: Any) -> dict[str, Any]:
     return {n: _get(opts, n) for n in names if _get(opts, n) is not None}
 
 
-def adapt_config(a: AdaptSettings) -> AdaptConfig:
+def adapt_config(a: AdaptSettings, steps: int | None = None) -> AdaptConfig:
+    """The library's adaptation settings; ``steps``: the run's length (``adapt.skip_near_end`` needs it)."""
     policy = PolicyConfig(
         min_experts=a.min_experts,
         max_experts=a.max_experts,
@@ -328,6 +332,7 @@ def adapt_config(a: AdaptSettings) -> AdaptConfig:
         rebalance_threshold=a.rebalance_threshold,
         max_experts_per_rank=a.max_experts_per_rank,
         tolerance=a.tolerance,
+        end_step=steps if a.skip_near_end else None,
     )
 
 

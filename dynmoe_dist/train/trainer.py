@@ -102,7 +102,7 @@ class Trainer:
         self.engine = self._engine()
         self.adapt = None
         if cfg.adapt.enabled and self.model.moe_layers():
-            self.adapt = AdaptController(self.model, self.moe_opt, groups, adapt_config(cfg.adapt))
+            self.adapt = AdaptController(self.model, self.moe_opt, groups, adapt_config(cfg.adapt, cfg.steps))
         d = cfg.data
         self.stream = SequenceStream(
             corpus.train,
