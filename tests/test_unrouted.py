@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dynmoe_dist import MoELayer
-from dynmoe_dist.train.unrouted import COLLAPSE_STEPS, UnroutedWatch
+from dynmoe_dist.train.unrouted import COLLAPSE_STEPS, WATCHED, UnroutedWatch
 
 
 def top_any_layer(threshold: float) -> MoELayer:
@@ -71,3 +71,16 @@ def test_micro_batches_of_one_step_add_up() -> None:
     watch.step(1, None)
     assert watch.last == [30 / 120]
     assert watch.step(2, None) == ([], [])  # nothing observed since: no step to close
+
+
+def test_a_gate_that_leaves_tokens_out_by_design_is_measured_but_not_called_a_collapse() -> None:
+    """ReLU routing and null experts give some tokens no real expert by their rule: the watch counts their streaks
+    (metrics, the quality table) without a warning or an event; the trainer watches Top-Any layers only."""
+    dead = top_any_layer(10.0)
+    watch = UnroutedWatch([dead.name], torch.device("cpu"), watched=[False])
+    for step in range(1, COLLAPSE_STEPS + 6):
+        watch.observe(auxes([dead]))
+        assert watch.step(step, None) == ([], [])
+    assert watch.longest == [COLLAPSE_STEPS + 5] and watch.last == [1.0]
+    assert watch.close(COLLAPSE_STEPS + 5) == []
+    assert "top_any" in WATCHED and not {"relu", "null"} & WATCHED

@@ -34,7 +34,7 @@ from .model import build_model
 from .preempt import Preemption
 from .progress import Progress
 from .schedule import learning_rate
-from .unrouted import UnroutedWatch
+from .unrouted import WATCHED, UnroutedWatch
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -118,7 +118,9 @@ class Trainer:
         start = max([cfg.moe.num_experts] + [m.num_experts for m in self.model.moe_layers()])
         k_bins = max(start, cfg.adapt.max_experts if cfg.adapt.enabled else 0) + 1
         self.window = MetricsWindow(self.model.moe_layers(), k_bins, device)
-        self.watch = UnroutedWatch([m.name for m in self.model.moe_layers()], device)
+        layers = self.model.moe_layers()
+        watched = [m.router.cfg.kind in WATCHED for m in layers]
+        self.watch = UnroutedWatch([m.name for m in layers], device, watched=watched)
         torch.manual_seed(cfg.seed + 1 + self.rank)  # dropout: its own stream per rank
         self.step_seconds: list[float] = []
         self.consecutive_skips = 0

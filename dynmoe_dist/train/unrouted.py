@@ -6,6 +6,11 @@ step, means the layer has stopped learning (a collapse). Every optimizer step th
 gate accepted for no expert over the whole world (one small all-reduce), and keeps the run of consecutive steps above
 ``share``. A run that reaches ``steps`` is a collapse: it is reported once as a warning, and when it ends (or the
 training does) as an ``unrouted`` event with its length. The longest run so far goes into every metrics line.
+
+Only for gates where a token without an expert means failure (``WATCHED``: Top-Any, whose k=0 tokens are what its
+collapse is made of). ReLU routing and null experts leave tokens without a real expert by design (ReMoE steers the
+average number of active experts, not each token's; AdaMoE's null experts are a token's way to use fewer): their
+shares and streaks are still measured and shown, but not called a collapse.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from ..parallel.collectives import all_reduce
 # A layer routing fewer than 90% of its tokens for more than 20 consecutive steps is collapsing.
 COLLAPSE_SHARE = 0.10
 COLLAPSE_STEPS = 20
+WATCHED = frozenset({"top_any"})  # the gate kinds whose unrouted tokens are a failure, not the rule
 
 ADVICE = (
     "for Top-Any keep moe.router.unrouted=top1 with moe.router.route_weight > 0 (the defaults), or lower "
@@ -47,8 +53,11 @@ class UnroutedWatch:
     streaks: list[Streak] = field(default_factory=list)
     last: list[float] = field(default_factory=list)  # every layer's share at the last step, over the world
     longest: list[int] = field(default_factory=list)
+    watched: list[bool] | None = None  # per layer: a long streak is a collapse (warning, event); None: every layer
 
     def __post_init__(self) -> None:
+        if self.watched is None:
+            self.watched = [True] * len(self.names)
         self.streaks = [Streak() for _ in self.names]
         self.last = [0.0] * len(self.names)
         self.longest = [0] * len(self.names)
@@ -81,7 +90,7 @@ class UnroutedWatch:
                 s.length += 1
                 s.peak = max(s.peak, share)
                 self.longest[i] = max(self.longest[i], s.length)
-                if s.length >= self.steps and not s.warned:
+                if s.length >= self.steps and not s.warned and self.watched[i]:
                     s.warned = True
                     warnings.append(
                         f"{name} has routed fewer than {1 - self.share:.0%} of its tokens to any expert for "
@@ -89,14 +98,18 @@ class UnroutedWatch:
                         f"{ADVICE}"
                     )
             elif s.length:
-                if s.length >= self.steps:
+                if s.length >= self.steps and self.watched[i]:
                     events.append(self._event(name, s, step - 1))
                 self.streaks[i] = Streak()
         return warnings, events
 
     def close(self, step: int) -> list[dict]:
         """Events for the collapses still open at the end of training."""
-        return [self._event(n, s, step) for n, s in zip(self.names, self.streaks) if s.length >= self.steps]
+        return [
+            self._event(n, s, step)
+            for n, s, watched in zip(self.names, self.streaks, self.watched)
+            if watched and s.length >= self.steps
+        ]
 
     def _event(self, name: str, s: Streak, end: int) -> dict:
         return {
