@@ -94,18 +94,17 @@ class AdaptController:
             if self.near_end():
                 for layer in self.layers:
                     layer.recorder.reset(layer.num_experts)
-                log.info("adaptation: no event at step %d, %d before the end of the run", self.steps, self.left())
+                left = self.cfg.end_step - self.steps
+                log.info("adaptation: no event at step %d, %d before the end of the run", self.steps, left)
             else:
                 events = [e for layer in self.layers if (e := self.adapt(layer)) is not None]
         self._set_recording()
         return events
 
-    def left(self) -> int:
-        return self.cfg.end_step - self.steps if self.cfg.end_step is not None else -1
-
     def near_end(self) -> bool:
         """Too close to the run's end for an event to settle (``AdaptConfig.end_step``)."""
-        return self.cfg.end_step is not None and self.left() < max(self.cfg.idle_steps, 1)
+        end = self.cfg.end_step
+        return end is not None and end - self.steps < max(self.cfg.idle_steps, 1)
 
     def adapt(self, layer: MoELayer) -> AdaptEvent | None:
         """Close ``layer``'s window and apply what it calls for (collective over the world)."""

@@ -111,12 +111,13 @@ class MoEAdam(torch.optim.Optimizer):
         rows, thresholds, other = [], [], []
         for m in model.modules():
             if isinstance(m, MoELayer):
-                row_ids = {id(p) for p in m.row_parameters()}
+                layer_rows = m.row_parameters()
+                row_ids = {id(p) for p in layer_rows}
                 scaled = set()
                 if threshold_lr_scale != 1.0:  # one group of rows, as before the option, at the default
                     scaled = {id(p) for name, p in m.router.row_parameters().items() if name == "threshold"}
-                rows += [p for p in m.row_parameters() if id(p) not in scaled]
-                thresholds += [p for p in m.row_parameters() if id(p) in scaled]
+                for p in layer_rows:
+                    (thresholds if id(p) in scaled else rows).append(p)
                 other += [p for p in m.router.parameters() if id(p) not in row_ids]
         return cls(rows, other, scaled_rows=thresholds, row_lr_scale=threshold_lr_scale, **kwargs)
 
