@@ -20,8 +20,10 @@ position is two integers (epoch, global cursor), independent of the world size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,10 +55,16 @@ class Corpus:
         return BYTE_VOCAB - 1 if self.byte_level else None
 
 
+@functools.cache
 def stdlib_files() -> tuple[Path, list[Path]]:
+    """(root, every .py file under it but site-packages), sorted. Walked once per process and pruned at
+    site-packages (a glob walks the installed packages too: about a second per call on a slow disk, in every rank)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
-    return root, files
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d != "site-packages"]
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
+    return root, sorted(files)
 
 
 def in_validation(name: str, fraction: float) -> bool:
@@ -114,6 +122,7 @@ def source_files(cfg: DataConfig) -> tuple[Path, list[Path]]:
     """(root, files) of a stdlib, text or jsonl source, refusing a path that is missing or of the wrong kind."""
     if cfg.source == "stdlib":
         root, files = stdlib_files()
+        files = list(files)  # the cached listing stays as it is
         if not files:
             raise DataError(f"no .py files under the standard library at {root}; use data.source=text with data.path")
         return root, files
@@ -166,7 +175,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             raise DataError(f"data.path={cfg.path} does not exist (data.source=bin); give an existing path")
         return _load_bin(path, cfg)
     docs, description = read_documents(cfg)
-    where = f"the standard library at {source_files(cfg)[0]}" if cfg.source == "stdlib" else str(cfg.path)
+    where = f"the standard library at {stdlib_files()[0]}" if cfg.source == "stdlib" else str(cfg.path)
     train, val = _split_documents(docs, cfg.val_fraction, where)
     return Corpus(train, val, True, description)
 
