@@ -373,5 +373,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def background(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """The session's launches: queued at its start by the modules that read them, killed at its end if still running."""
     runs = launch_support.start_background(request.session, tmp_path_factory)
+    request.config.stash[TIMELINE] = runs
     yield runs
     runs.close()
+
+
+TIMELINE = pytest.StashKey[launch_support.Launches]()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """With -v (or more): when each background launch ran."""
+    runs = config.stash.get(TIMELINE, None)
+    if runs is not None and config.get_verbosity() > 0:
+        terminalreporter.write_sep("-", "background launches")
+        for line in launch_support.timeline_lines(runs):
+            terminalreporter.write_line(line)

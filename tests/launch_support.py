@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 QUEUE_HOOK = "queue_launches"
+SHARED = "shared"  # the prefix of launches several modules read
 
 
 @dataclass
@@ -57,6 +58,7 @@ class _Launch:
     split: bool
     cwd: Path | None
     alone: bool
+    name: str = ""
     result: list[Done] | str | None = None  # a str: why there is no result
     done: threading.Event = None  # type: ignore[assignment]
 
@@ -81,13 +83,18 @@ class Launches:
         for t in self._threads:
             t.start()
         self.notes: dict[str, object] = {}  # what a module's preparation recorded for its tests
+        self.started = time.monotonic()
+        self.timeline: list[tuple[str, float, float]] = []  # (name, start, end) in seconds since the session began
 
     def module(self, name: str) -> Runs:
         return Runs(self, name)
 
-    def submit(self, name: str, launch: _Launch) -> None:
+    def submit(self, name: str, launch: _Launch, once: bool = False) -> None:
         with self._turn:
+            if once and name in self._launches:
+                return
             assert name not in self._launches, name
+            launch.name = name
             self._launches[name] = launch
             if not launch.alone:
                 self._queue.append(name)
@@ -179,6 +186,7 @@ class Launches:
         deadline = start + launch.timeout_s  # they start together: one limit for the whole launch
         for r in readers:
             r.join(max(deadline - time.monotonic(), 0.0))
+        self.timeline.append((launch.name, start - self.started, time.monotonic() - self.started))
         if any(r.is_alive() for r in readers):
             for p in procs:
                 _kill(p)
@@ -206,6 +214,16 @@ class Launches:
                 launch.done.set()
 
 
+def timeline_lines(runs: Launches) -> list[str]:
+    """Each launch's start and end in the session, for keeping the suite inside its time: the launches, not the tests
+    in this process, are what it waits for at its end."""
+    rows = sorted(runs.timeline, key=lambda r: r[1])
+    busy = sum(end - start for _, start, end in rows)
+    last = max((end for _, _, end in rows), default=0.0)
+    head = f"launches: {len(rows)}, {busy:.0f} s of launch time, the last ended {last:.0f} s into the session"
+    return [head, *(f"{start:7.1f} s {end:7.1f} s {end - start:6.1f} s  {name}" for name, start, end in rows)]
+
+
 class Runs:
     """One module's view of the session's launches: its names, its notes."""
 
@@ -227,6 +245,18 @@ class Runs:
 
     def result(self, name: str) -> list[Done]:
         return self._runs.result(self._prefix + name)
+
+    @property
+    def shared_notes(self) -> dict:
+        """Notes of the launches several modules read."""
+        return self._runs.notes.setdefault(SHARED, {})
+
+    def share(self, name: str, make: Callable[[], Commands], timeout_s: float, *, cwd: Path | None = None) -> None:
+        """Queue a launch that several modules read (an uninterrupted reference run): the first to ask queues it."""
+        self._runs.submit(f"{SHARED}::{name}", _Launch(make, timeout_s, False, cwd, False), once=True)
+
+    def shared(self, name: str) -> list[Done]:
+        return self._runs.result(f"{SHARED}::{name}")
 
 
 def _read(proc: subprocess.Popen, outputs: list, ended: list, i: int) -> None:

@@ -2,14 +2,14 @@
 the metrics and event files, wandb's offline files, what is printed last, and the report on that run.
 
 Every launch is real. They run in the background of the suite from its start (launch_support): first the runs that
-need nothing (both engines in fp32 and bf16, the uninterrupted 24-step run), then the ones that go on from a finished
-run (resume, the refusals, the report), each started once its run has finished. A test waits for its own.
+need nothing (both engines, the uninterrupted 24-step run), then the ones that go on from a finished run (resume, the
+refusals, the report), each started once its run has finished. A test waits for its own. bf16 against fp32 is
+tests/test_train_engines.py's, on the same tiny run in the ranks of the suite.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -75,10 +75,6 @@ def queue_launches(runs: Runs, wanted: set[str], tmp_path_factory: pytest.TempPa
     if "test_resume_auto_continues_the_run_as_if_uninterrupted" in wanted:
         whole = partial(train, out / "resume", "name=whole", f"steps={STEPS + 8}", "logging.wandb=disabled")
         runs.submit("whole", whole, TIMEOUT_S, split=True)
-    if "test_bf16_tracks_the_fp32_run" in wanted:
-        for engine in ENGINES:
-            bf16 = ("name=bf16", f"engine={engine}", "engine.precision=bf16", "logging.wandb=disabled")
-            runs.submit(f"bf16-{engine}", partial(train, out / f"bf16-{engine}", *bf16), TIMEOUT_S, split=True)
 
     def after(name: str, prepare):
         def make() -> Commands:
@@ -181,19 +177,6 @@ def test_both_engines_reach_the_same_losses(runs) -> None:
         [r["loss"] for r in records(runs[name][0] / "metrics.jsonl") if r["kind"] == "val"] for name in runs
     )  # fmt: skip
     assert ds == pytest.approx(pt, rel=1e-4)
-
-
-@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
-def test_bf16_tracks_the_fp32_run(runs, launches: Runs, out: Path, engine: str) -> None:
-    """bf16 (DeepSpeed's bf16 engine; autocast under the torch engine, where the routed rows travel and compute in
-    bf16 with autocast off inside the layer) trains the same run as fp32 within bf16's rounding."""
-    proc = succeeded(launches, f"bf16-{engine}")
-    assert f"{engine} engine, bf16 on cpu" in proc.stderr
-    rows = records(out / f"bf16-{engine}" / "bf16" / "metrics.jsonl")
-    assert all(math.isfinite(r["grad_norm"]) for r in rows if r["kind"] == "train")
-    val = [r["loss"] for r in rows if r["kind"] == "val"]
-    fp32 = [r["loss"] for r in records(runs[engine][0] / "metrics.jsonl") if r["kind"] == "val"]
-    assert val == pytest.approx(fp32, rel=0.03) and val[-1] < val[0]
 
 
 def test_an_existing_run_is_never_overwritten(runs, launches: Runs) -> None:

@@ -256,3 +256,33 @@ def test_deepspeed_takes_the_cpu_accelerator_for_a_cpu_run(monkeypatch, cuda: bo
     monkeypatch.setenv("DS_ACCELERATOR", "xpu")
     import_deepspeed(torch.device("cpu"))
     assert os.environ["DS_ACCELERATOR"] == "xpu"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bf16
+
+
+def case_precision(engine: str, precision: str) -> dict:
+    """16 steps of the application's tiny run (adaptation on), validation at steps 0, 8 and 16."""
+    deepspeed_env()
+    overrides = ("adapt.record_steps=3", "adapt.idle_steps=1", "adapt.min_experts=2", "adapt.rebalance_threshold=1.01")
+    cfg = config(*overrides, f"engine={engine}", f"engine.precision={precision}", "steps=16")
+    trainer = Trainer(cfg, small_corpus(), dist_pool.groups(dist.get_world_size()), torch.device("cpu"))
+    val, norms = [trainer.evaluate()["loss"]], []
+    for step in range(1, 17):
+        norms.append(trainer.train_step().grad_norm)
+        if step % 8 == 0:
+            val.append(trainer.evaluate()["loss"])
+    return {"precision": trainer.precision, "val": val, "norms": norms}
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_bf16_tracks_the_fp32_run(engine: str) -> None:
+    """bf16 (DeepSpeed's bf16 engine; autocast under the torch engine, where the routed rows travel and compute in
+    bf16 with autocast off inside the layer) trains the same run as fp32 within bf16's rounding."""
+    pool = dist_pool.pool(2)
+    fp32, bf16 = (pool.run(case_precision, engine, precision)[0] for precision in ("fp32", "bf16"))
+    assert bf16["precision"] == "bf16" and fp32["precision"] == "fp32"
+    assert all(math.isfinite(n) for n in bf16["norms"])
+    assert bf16["val"] != fp32["val"]  # the run really computed in bf16
+    assert bf16["val"] == pytest.approx(fp32["val"], rel=0.03) and bf16["val"][-1] < bf16["val"][0]
