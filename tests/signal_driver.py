@@ -9,8 +9,13 @@ launcher and its ranks). ``--repeat SIG`` then keeps sending SIG to every rank e
 second signal while the checkpoint is written). ``--recovery`` then watches the run come back, whichever process
 brings it back (CMD's launcher restarting its ranks, or another node's): it says when the run folder was opened again
 (a resumed run rewrites ``metrics.jsonl``) and when the run is back at the step it had reached, in seconds after the
-signal. Prints what it did as ``driver: ...`` lines, and the run's ``latest`` checkpoint once CMD ended, and exits
-with CMD's status. Never a mock: the launcher, its ranks and the signals are the real ones.
+signal. ``--rejoin`` (with ``--ranks tree`` and ``--recovery``: a node that comes back) then starts CMD again once
+the run is back, as the returning node: while it starts and joins, the run's training processes on this machine are
+held (SIGSTOP) so that a run of a few steps is still running when the node asks in, as a long run would be; they go
+on (SIGCONT) once their launcher has asked them to stop for the new rendezvous round (its SIGTERM pending). Prints
+what it did as ``driver: ...`` lines, and the run's ``latest`` checkpoint once CMD ended, and exits with CMD's
+status (the second CMD's, after ``--rejoin``). Never a mock: the launchers, the ranks and the signals are the real
+ones.
 """
 
 from __future__ import annotations
@@ -78,6 +83,60 @@ def reached(metrics: Path, step: int) -> int | None:
     return None
 
 
+def run_processes(run: Path) -> list[int]:
+    """The training processes of the run in folder ``run`` on this machine, whoever launched them."""
+    wanted = {f"out_dir={run.parent}".encode(), f"name={run.name}".encode()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or rank_of(int(entry.name)) is None:
+            continue
+        with contextlib.suppress(OSError):
+            if wanted <= set((entry / "cmdline").read_bytes().split(b"\0")):
+                found.append(int(entry.name))
+    return found
+
+
+def term_pending(pid: int) -> bool | None:
+    """Whether SIGTERM waits to be delivered to ``pid`` (a held process cannot take it); None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    if "\nState:\tZ" in status:
+        return None
+    pending = next(line.split()[1] for line in status.splitlines() if line.startswith("ShdPnd:"))
+    return bool(int(pending, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def rejoin(cmd: list[str], run: Path, deadline: float) -> subprocess.Popen:
+    """Hold the run, start ``cmd`` again (the node back), let the run go on once its launcher stops it for the new
+    round."""
+    held = run_processes(run)
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    print(f"driver: held the run's ranks (pids {held}); the node comes back", flush=True)
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            states = [term_pending(pid) for pid in held]
+            if all(state is not False for state in states):  # asked to stop (or gone): the node was seen
+                print(
+                    f"driver: the run's launcher stopped its ranks {time.monotonic() - started:.1f} s after the node"
+                    " came back",
+                    flush=True,
+                )
+                break
+            time.sleep(0.05)
+        else:
+            print("driver: the run's launcher never stopped its ranks for the node that came back", flush=True)
+    finally:
+        for pid in held:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    return proc
+
+
 def tree(root: int) -> list[int]:
     """``root`` and every process under it, parents first."""
     return [root, *descendants(root)]
@@ -113,6 +172,7 @@ def main() -> int:
     parser.add_argument("--ranks", default="all")
     parser.add_argument("--repeat", default=None)
     parser.add_argument("--recovery", action="store_true")
+    parser.add_argument("--rejoin", action="store_true")
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -153,6 +213,9 @@ def main() -> int:
             print(f"driver: {sent} more {again.name} while the ranks were stopping", flush=True)
         if args.recovery:
             watch_recovery(args.metrics, at, signalled, deadline)
+        if args.rejoin:
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))  # killed: its status is the signal's
+            proc = rejoin(cmd, args.metrics.parent, deadline)
         status = proc.wait(timeout=max(deadline - time.monotonic(), 1))
         latest = args.metrics.parent / "checkpoints" / "latest"
         if latest.exists():
