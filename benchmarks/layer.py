@@ -18,7 +18,8 @@ wait for a GPU (``op_count.py``). Each op is at least one kernel launch on a GPU
 
 ``--memory`` measures instead of timing: the activation bytes one training forward saves for backward (caught by
 ``torch.autograd.graph.saved_tensors_hooks``; parameters and the layer's input left out), per routed row, against
-the floor: the rows the expert GEMMs' backward needs (each row's input, pre-activation(s) and activation output). The
+the floor: the rows the expert GEMMs' backward needs (each row's input and pre-activation(s); the activation output
+too on the grouped-GEMM path, which keeps it where the segment path recomputes it). The
 router's own saved tensors ([tokens, experts] scores) are reported apart, per token.
 """
 
@@ -255,11 +256,13 @@ def unique_bytes(saved: list[Saved]) -> int:
 
 
 def floor_bytes_per_row(layer: MoELayer, dtype: torch.dtype) -> int:
-    """What the expert GEMMs' backward needs per routed row: its input (d), its pre-activation (d_ff; two for a gated
-    activation) and its activation output (d_ff), in the rows' dtype."""
+    """What the expert GEMMs' backward keeps per routed row: its input (d) and its pre-activation (d_ff; two for a
+    gated activation), in the rows' dtype. The activation output is an elementwise function of them, recomputed in
+    backward by the segment path (segment_ffn.py); the grouped-GEMM path (torch's grouped_mm under autograd) keeps it
+    (one d_ff more)."""
     bank = layer.experts
-    gated = bank.w_gate is not None
-    return (bank.d_model + (3 if gated else 2) * bank.d_ff) * torch.finfo(dtype).bits // 8
+    kept = (2 if bank.w_gate is not None else 1) + (bank.gemm == "grouped_mm")
+    return (bank.d_model + kept * bank.d_ff) * torch.finfo(dtype).bits // 8
 
 
 def measure_memory(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation: str, gemm: str) -> dict:
