@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --no-compile -c constraints.txt
-# Byte code: what every process imports (torch, the sympy of its compiler, DeepSpeed, numpy) is compiled once after
-# the installs, on every core; every other module is compiled by the first process that imports it, and kept, even
-# where PYTHONDONTWRITEBYTECODE is set (CI machines set it: then every test process compiled torch and DeepSpeed
+# Byte code: what every process imports (torch, the sympy of its compiler, DeepSpeed, numpy, hydra) is compiled once
+# after the installs, on every core; every other module is compiled by the first process that imports it, and kept,
+# even where PYTHONDONTWRITEBYTECODE is set (CI machines set it: then every test process compiled torch and DeepSpeed
 # again, and the suite took twice as long). Compiling the whole venv (14,000 modules) up front took 40 s; this set, 17.
 unexport PYTHONDONTWRITEBYTECODE
-PRECOMPILED := torch sympy deepspeed numpy
+PRECOMPILED := torch sympy deepspeed numpy hydra omegaconf antlr4 safetensors
 PURELIB = $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # Tutel is not on the package index: a wheel built from its repository at the pinned commit, where one is provided.
 WHEELS ?= ../shared/wheels
