@@ -120,7 +120,7 @@ def rejoin(cmd: list[str], run: Path, deadline: float) -> subprocess.Popen:
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             states = [term_pending(pid) for pid in held]
-            if all(state is not False for state in states):  # asked to stop (or gone): the node was seen
+            if held and all(state is not False for state in states):  # asked to stop (or gone): the node was seen
                 print(
                     f"driver: the run's launcher stopped its ranks {time.monotonic() - started:.1f} s after the node"
                     " came back",
