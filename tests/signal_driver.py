@@ -9,8 +9,9 @@ launcher and its ranks). ``--repeat SIG`` then keeps sending SIG to every rank e
 second signal while the checkpoint is written). ``--recovery`` then watches the run come back, whichever process
 brings it back (CMD's launcher restarting its ranks, or another node's): it says when the run folder was opened again
 (a resumed run rewrites ``metrics.jsonl``) and when the run is back at the step it had reached, in seconds after the
-signal. ``--rejoin`` (with ``--ranks tree`` and ``--recovery``: a node that comes back) then starts CMD again once
-the run is back, as the returning node: while it starts and joins, the run's training processes on this machine are
+signal (with ``--rejoin``: when it trained one step past the checkpoint it resumed from). ``--rejoin`` (with
+``--ranks tree`` and ``--recovery``: a node that comes back) then starts CMD again once the run trains again, as the
+returning node: while it starts and joins, the run's training processes on this machine are
 held (SIGSTOP) so that a run of a few steps is still running when the node asks in, as a long run would be; they go
 on (SIGCONT) once their launcher has asked them to stop for the new rendezvous round (its SIGTERM pending). Prints
 what it did as ``driver: ...`` lines, and the run's ``latest`` checkpoint once CMD ended, and exits with CMD's
@@ -149,19 +150,24 @@ def inode(path: Path) -> int | None:
         return None
 
 
-def watch_recovery(metrics: Path, at: int, signalled: float, deadline: float) -> None:
-    """Until the run is back at step ``at`` (or the deadline): when its folder reopened, when it got back there."""
-    before, reopened = inode(metrics), None
+def watch_recovery(metrics: Path, at: int | None, signalled: float, deadline: float) -> None:
+    """Until the run is back at step ``at`` (or the deadline): when its folder reopened, when it got back there. With
+    ``at`` None, until it trained one step past the checkpoint it resumed from (``latest`` when it reopened)."""
+    before, reopened, wanted = inode(metrics), None, at
     while time.monotonic() < deadline:
         now = inode(metrics)
         if reopened is None and now is not None and now != before:
             reopened = time.monotonic()
             print(f"driver: run folder reopened {reopened - signalled:.1f} s after the signal", flush=True)
-        if reopened is not None and (step := reached(metrics, at)) is not None:
-            print(f"driver: back at step {step} {time.monotonic() - signalled:.1f} s after the signal", flush=True)
+            if wanted is None:
+                latest = (metrics.parent / "checkpoints" / "latest").read_text().strip()
+                wanted = int(latest.removeprefix("step_")) + 1
+        if reopened is not None and (step := reached(metrics, wanted)) is not None:
+            what = "back at" if at is not None else "training again at"
+            print(f"driver: {what} step {step} {time.monotonic() - signalled:.1f} s after the signal", flush=True)
             return
         time.sleep(0.05)
-    print(f"driver: the run did not come back to step {at}", flush=True)
+    print(f"driver: the run did not come back to step {wanted}", flush=True)
 
 
 def main() -> int:
@@ -211,8 +217,8 @@ def main() -> int:
                         pass
                 time.sleep(0.05)
             print(f"driver: {sent} more {again.name} while the ranks were stopping", flush=True)
-        if args.recovery:
-            watch_recovery(args.metrics, at, signalled, deadline)
+        if args.recovery:  # a node coming back: as soon as the run trains again, so that it is still running
+            watch_recovery(args.metrics, None if args.rejoin else at, signalled, deadline)
         if args.rejoin:
             proc.wait(timeout=max(deadline - time.monotonic(), 1))  # killed: its status is the signal's
             proc = rejoin(cmd, args.metrics.parent, deadline)

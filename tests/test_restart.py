@@ -88,7 +88,7 @@ def queue_launches(runs: Runs, wanted: set[str], tmp_path_factory: pytest.TempPa
         step = runs.notes["rank_step"] = pick.randint(EVERY + 1, STEPS - 3)
         runs.submit("killed", lambda: killed(out, step), TIMEOUT_S, cwd=REPO)
     if LOST_NODE in wanted:
-        node_step = runs.notes["node_step"] = pick.randint(EVERY + 1, STEPS - 7)
+        node_step = runs.notes["node_step"] = pick.randint(EVERY + 1, STEPS - 5)
         runs.submit("elastic", lambda: elastic(out, node_step), TIMEOUT_S, cwd=REPO)
 
         def by_hand() -> Commands:
@@ -152,13 +152,14 @@ def test_a_lost_node_and_the_run_goes_on_at_world_size_1_then_2_when_it_returns(
     start = resumed_from(survivor.output)
     resumed = int(start.name.removeprefix("step_"))
     assert EVERY <= resumed <= at + 1, (resumed, at)
-    assert recovery_seconds(lost.output) < 150  # rendezvous, the new rank's start, the steps since the checkpoint
+    again = re.search(r"driver: training again at step \d+ ([\d.]+) s after the signal", lost.output)
+    assert again and float(again.group(1)) < 150, lost.output[-3000:]  # rendezvous, the new rank's start, one step
     # the node back: the world of 1 checkpointed when its agent stopped it, and a world of 2 went on from there
     assert "driver: the run's launcher stopped its ranks" in lost.output, lost.output[-3000:]
     back = re.search(r"resumed from (\S+) \(step (\d+), saved on 1 ranks\)", both)
     assert back, both[-4000:]
     returned = int(back.group(2))
-    assert Path(back.group(1)).parent == out / "elastic" / "checkpoints" and at < returned < STEPS, (at, returned)
+    assert Path(back.group(1)).parent == out / "elastic" / "checkpoints" and resumed < returned < STEPS, returned
     assert "training elastic: 2 ranks" in both[both.index(back.group(0)) :]
     final = json.loads((out / "elastic" / "checkpoints" / FINAL / MANIFEST).read_text())
     assert final["world_size"] == 2
