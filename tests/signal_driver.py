@@ -159,9 +159,9 @@ def watch_recovery(metrics: Path, at: int | None, signalled: float, deadline: fl
         if reopened is None and now is not None and now != before:
             reopened = time.monotonic()
             print(f"driver: run folder reopened {reopened - signalled:.1f} s after the signal", flush=True)
-            if wanted is None:
-                latest = (metrics.parent / "checkpoints" / "latest").read_text().strip()
-                wanted = int(latest.removeprefix("step_")) + 1
+            if wanted is None:  # no checkpoint (a restart before the first one starts over): its first step
+                latest = metrics.parent / "checkpoints" / "latest"
+                wanted = int(latest.read_text().strip().removeprefix("step_")) + 1 if latest.exists() else 1
         if reopened is not None and (step := reached(metrics, wanted)) is not None:
             what = "back at" if at is not None else "training again at"
             print(f"driver: {what} step {step} {time.monotonic() - signalled:.1f} s after the signal", flush=True)

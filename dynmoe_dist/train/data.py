@@ -56,7 +56,7 @@ class Corpus:
 
 
 @functools.cache
-def stdlib_files() -> tuple[Path, list[Path]]:
+def stdlib_files() -> tuple[Path, tuple[Path, ...]]:
     """(root, every .py file under it but site-packages), sorted. Walked once per process and pruned at
     site-packages (a glob walks the installed packages too: about a second per call on a slow disk, in every rank)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -64,7 +64,7 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = [d for d in subfolders if d != "site-packages"]
         files += [Path(folder, n) for n in names if n.endswith(".py")]
-    return root, sorted(files)
+    return root, tuple(sorted(files))
 
 
 def in_validation(name: str, fraction: float) -> bool:
@@ -122,10 +122,9 @@ def source_files(cfg: DataConfig) -> tuple[Path, list[Path]]:
     """(root, files) of a stdlib, text or jsonl source, refusing a path that is missing or of the wrong kind."""
     if cfg.source == "stdlib":
         root, files = stdlib_files()
-        files = list(files)  # the cached listing stays as it is
         if not files:
             raise DataError(f"no .py files under the standard library at {root}; use data.source=text with data.path")
-        return root, files
+        return root, list(files)
     path = Path(str(cfg.path)).expanduser()
     if not path.exists():
         raise DataError(f"data.path={cfg.path} does not exist (data.source={cfg.source}); give an existing path")
