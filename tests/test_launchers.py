@@ -299,8 +299,9 @@ LAUNCHES: dict[str, tuple[Callable[[Path], Commands], set[str]]] = {
     "ep_size": (launch_ep_size, {"test_expert_parallel_size_that_does_not_divide_the_world"}),
     "nested": (launch_nested, {"test_nested_launchers_that_disagree"}),
 }
-# Refusals where every rank stops at its own check and only rank 0 prints: when another rank exits first, torchrun and
-# srun --kill-on-bad-exit kill rank 0, its message unprinted, if it lags behind. They run when their test asks, alone.
+# Refusals where every rank stops at its own check and only rank 0 prints: the other ranks wait
+# (app.REFUSAL_GRACE_S) before they exit, since torchrun and srun --kill-on-bad-exit kill rank 0 once another rank
+# exited; these run alone as well, so that a loaded machine cannot stretch rank 0's lag past that wait.
 ALONE = {"slurm_wrong_count", "ep_size"}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,9 +27,17 @@ from .config import CONFIG_DIR
 log = logging.getLogger("dynmoe_dist.train")
 
 
+# Rank 0 speaks for every rank; the others give it this long before they exit. A launcher that sees one rank exit
+# stops the rest (torchrun, srun --kill-on-bad-exit): had rank 1 exited first, rank 0 could be killed with its
+# message unprinted, and the user would see an exit status without a reason.
+REFUSAL_GRACE_S = 5.0
+
+
 def fail(message: str, rank: int) -> None:
     if rank == 0:
         print(f"dynmoe-train: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(REFUSAL_GRACE_S)
     raise SystemExit(2)
 
 
