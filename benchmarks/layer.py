@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dynmoe_dist.dispatch import combine
+from dynmoe_dist.dispatch import LocalDispatcher, combine
 from dynmoe_dist.experts import ExpertBank
 from dynmoe_dist.experts.activations import GATED, PLAIN
 from dynmoe_dist.experts.cpu_gemm import onednn_usable
@@ -256,13 +256,17 @@ def unique_bytes(saved: list[Saved]) -> int:
 
 
 def floor_bytes_per_row(layer: MoELayer, dtype: torch.dtype) -> int:
-    """What the expert GEMMs' backward keeps per routed row: its input (d) and its pre-activation (d_ff; two for a
-    gated activation), in the rows' dtype. The activation output is an elementwise function of them, recomputed in
-    backward by the segment path (segment_ffn.py); the grouped-GEMM path (torch's grouped_mm under autograd) keeps it
-    (one d_ff more)."""
+    """What the expert GEMMs' backward keeps per routed row: its pre-activation (d_ff; two for a gated activation)
+    and, where the rows are a tensor of their own, its input (d), in the rows' dtype. The activation output is an
+    elementwise function of the pre-activations, recomputed in backward by the segment path (segment_ffn.py); the
+    grouped-GEMM path (torch's grouped_mm under autograd) keeps it (one d_ff more). On one process the segment path
+    gathers each expert's rows from the tokens itself (``ExpertUp``) and keeps no row input: the tokens are the
+    layer's input, kept by the router anyway."""
     bank = layer.experts
-    kept = (2 if bank.w_gate is not None else 1) + (bank.gemm == "grouped_mm")
-    return (bank.d_model + kept * bank.d_ff) * torch.finfo(dtype).bits // 8
+    grouped = bank.gemm == "grouped_mm"
+    kept = (2 if bank.w_gate is not None else 1) + grouped
+    rows_kept = grouped or not isinstance(layer.dispatcher, LocalDispatcher)
+    return (rows_kept * bank.d_model + kept * bank.d_ff) * torch.finfo(dtype).bits // 8
 
 
 def measure_memory(gate: str, tokens: int, d: int, d_ff: int, experts: int, activation: str, gemm: str) -> dict:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dynmoe_dist.experts import ExpertBank
+from dynmoe_dist.experts.cpu_gemm import onednn_usable
 from dynmoe_dist.experts.grouped import ACTIVATIONS, expert_ffn, grouped_ffn
 
 D, F_, E = 6, 10, 5
@@ -50,6 +51,42 @@ def test_grouped_ffn_equals_autograd_through_the_per_expert_reference(activation
         w = torch.zeros_like(g) if w is None else w
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
     assert all(float(g[3].abs().sum()) == 0 for g in got_grads[1:])  # the expert with no rows: zero, not garbage
+
+
+IN_SLOT_ORDER = [(0, 4), (1, 2), (2, 9), (3, 0), (4, 0)]  # as the one-process dispatcher makes them
+
+
+@pytest.mark.parametrize("segments", ["slot order", "merged"])
+@pytest.mark.parametrize("gemm", ["loop", "onednn"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_rows_gathered_inside_equal_rows_gathered_first(activation, bias, gemm, segments):
+    """``token``: the experts take the tokens and each row's token, gather each segment's rows themselves and add
+    the rows' gradients into the tokens'. Against the gather as its own op (``index_select``, whose backward adds
+    them in row order): with segments in slot order (the one-process dispatcher's) the same bits; with a slot in
+    several segments (the rows are merged by slot first, so a token's gradients add up in another order) equal to
+    rounding. A token in several segments and a token in none; on oneDNN the segments are also padded."""
+    if gemm == "onednn" and not onednn_usable(torch.zeros(1)):
+        pytest.skip("this torch build has no oneDNN")
+    dtype = torch.float32 if gemm == "onednn" else torch.float64
+    segs = IN_SLOT_ORDER if segments == "slot order" else SEGMENTS
+    b = bank(activation, bias).to(dtype)
+    b.gemm = gemm
+    n = sum(k for _, k in segs)
+    tokens = torch.randn(9, D, dtype=dtype)
+    token = torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(5))  # token 8 is never taken
+    grad = torch.randn(n, D, dtype=dtype)
+    results = []
+    for inside in (False, True):
+        x = tokens.clone().requires_grad_()
+        b.zero_grad(set_to_none=True)
+        y = b(x, segs, token=token) if inside else b(x.index_select(0, token), segs)
+        y.backward(grad)
+        results.append([y.detach(), x.grad, *(w.grad for w in b.weights().values())])
+    tol = {"rtol": 0, "atol": 0} if segments == "slot order" else {"rtol": 1e-5, "atol": 1e-6}
+    for name, want, got in zip(["output", "tokens", *b.weights()], *results):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    assert not results[1][1][8].any() and results[1][1].abs().sum() > 0
 
 
 def test_no_rows_gives_zero_gradients_to_every_weight():

@@ -2,8 +2,10 @@
 
 Past the router nothing is sized by experts x capacity or tokens x experts: no [E, capacity, d] buffer and no
 [tokens, E] float tensor is saved for backward or returned, and the bytes saved per routed row are the floor (what
-the expert GEMMs' backward needs: each row's input, pre-activation and activation output) plus one row of the expert
-output (the combine's weight gradient reads it), the row's token, its place in the sort and its combine weight.
+the expert GEMMs' backward needs: each row's pre-activation, and its input where the rows are a tensor of their own;
+the grouped GEMM keeps the activation output too) plus one row of the expert output (the combine's weight gradient reads
+it), the row's token, its place in the sort and its combine weight. On one process the segment loop keeps no row
+input at all (it gathers each expert's rows from the tokens itself): a saved [rows, d] input would exceed the bound.
 """
 
 from __future__ import annotations

@@ -32,10 +32,11 @@ class LocalDispatcher:
     ) -> tuple[torch.Tensor, Traffic]:
         """``alongside``: the [S, d] output of an undispatched FFN of the same tokens (shared experts), added."""
         # the experts take the per-expert counts as a device tensor: the grouped GEMM never reads them on the host
-        # (no sync), the segment loop reads them once
+        # (no sync), the segment loop reads them once; and the tokens with the rows each expert takes from them, so
+        # that the segment loop gathers each expert's rows itself (no [A, d] copy of the rows, nor of their gradient)
         perm = sort_by_expert(plan.token, plan.expert, plan.weight, plan.num_experts, plan.expert_counts())
-        rows = gather_rows(x, perm)
         base = alongside() if alongside is not None else None
-        out = combine_rows(experts(rows, perm.counts), perm.token, perm.weight, x.shape[0], base)
+        y = experts(x, perm.counts, token=perm.token)
+        out = combine_rows(y, perm.token, perm.weight, x.shape[0], base)
         a = plan.num_assignments
         return out, Traffic(a, a, 0, a, x.shape[1] * x.element_size())

@@ -86,10 +86,14 @@ class ExpertBank(nn.Module):
         rows: torch.Tensor,
         segments: list[tuple[int, int]] | torch.Tensor,
         weights: dict[str, torch.Tensor] | None = None,
+        token: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``segments`` = [(local slot, rows), ...] in row order, or an [E] int64 tensor of rows per slot with the rows
         in slot order (``grouped_ffn``). ``weights``: stacked weights by name to compute with in place of this bank's
-        own (copies of other ranks' experts, ``dispatch/shadow.py``); slots index them."""
+        own (copies of other ranks' experts, ``dispatch/shadow.py``); slots index them. ``token``: ``rows`` are the
+        tokens [S, d] and the segments' rows are rows[token] (gathered inside, ``grouped_ffn``)."""
         w = self.weights() if weights is None else weights
         biases = {k: v for k, v in w.items() if k.startswith("b_")}
-        return grouped_ffn(rows, segments, w["w_in"], w["w_out"], w.get("w_gate"), self.activation, biases, self.gemm)
+        return grouped_ffn(
+            rows, segments, w["w_in"], w["w_out"], w.get("w_gate"), self.activation, biases, self.gemm, token
+        )

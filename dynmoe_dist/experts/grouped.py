@@ -3,7 +3,7 @@
 Rows arrive as contiguous segments, each tagged with its local expert slot (one per expert on a single process; one
 per (source rank, expert) after an all-to-all). No padding, no [E, capacity, d] buffer: cost is proportional to the
 number of rows, whatever their split. Three ways to compute, the same function (``gemm``):
-- ``loop``: one autograd function over the segments (segment_ffn.py), aten's ``mm``; any device and dtype;
+- ``loop``: a loop over the segments in two autograd functions (segment_ffn.py), aten's ``mm``; any device and dtype;
 - ``onednn``: the same loop with oneDNN's GEMMs (cpu_gemm.py), float32 on CPU, faster than aten's on CPUs with
   AVX-512 whose ``mm`` runs AVX2 (AMD's);
 - ``grouped_mm``: one grouped GEMM per weight for all experts (grouped_gemm.py), CUDA bf16 on SM80+;
@@ -23,7 +23,7 @@ from ..errors import ConfigError, ShapeError
 from .activations import ACTIVATIONS, GATED, PLAIN
 from .cpu_gemm import ATEN, ONEDNN, Gemm, auto_kernel, onednn_usable
 from .grouped_gemm import grouped_gemm_available, grouped_gemm_ffn
-from .segment_ffn import GroupedFFN, merge_by_slot
+from .segment_ffn import merge_by_slot, segment_ffn
 
 __all__ = ["ACTIVATIONS", "GEMMS", "autocast_dtype", "expert_ffn", "grouped_ffn"]
 
@@ -80,6 +80,7 @@ def grouped_ffn(
     activation: str | None = None,
     biases: dict[str, torch.Tensor] | None = None,
     gemm: str = "auto",
+    token: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``segments`` = [(slot, n), ...] in row order: the next n rows go through expert ``slot``.
 
@@ -90,22 +91,29 @@ def grouped_ffn(
     ``segments`` may instead be an [E] int64 tensor of rows per slot (rows in slot order, on the rows' device): the
     grouped GEMM then takes it as it is, with no host read (no device sync; their sum is not checked); the segment
     loop reads it once.
+
+    ``token`` ([A] int64): ``rows`` is the source [S, d] and row i of the segments is rows[token[i]]. The segment loop
+    gathers each segment's rows itself and adds their input gradient into [S, d] (``ExpertUp``): the [A, d] rows and
+    their gradient are never made whole. The grouped GEMM gathers them first.
     """
     activation = activation or ("swiglu" if w_gate is not None else "gelu")
     b = biases or {}
     low = autocast_dtype(rows.device.type)
     if low is not None:  # under autocast: the rows in its dtype, computed as such (out= buffers take no autocast)
         with torch.autocast(rows.device.type, enabled=False):
-            return grouped_ffn(rows.to(low), segments, w_in, w_out, w_gate, activation, biases, gemm)
+            return grouped_ffn(rows.to(low), segments, w_in, w_out, w_gate, activation, biases, gemm, token)
+    if token is not None and uses_grouped_mm(gemm, rows, w_in):
+        rows, token = rows.index_select(0, token), None
     if isinstance(segments, torch.Tensor):
         if segments.shape != (w_in.shape[0],):
             raise ShapeError(f"grouped_ffn: {tuple(segments.shape)} row counts for {w_in.shape[0]} experts")
         if not uses_grouped_mm(gemm, rows, w_in):
             segments = list(enumerate(segments.tolist()))
-    covered = rows.shape[0] if isinstance(segments, torch.Tensor) else sum(n for _, n in segments)
-    if covered != rows.shape[0]:  # (device counts are trusted: checking their sum would read it on the host)
+    given = rows.shape[0] if token is None else token.shape[0]
+    covered = given if isinstance(segments, torch.Tensor) else sum(n for _, n in segments)
+    if covered != given:  # (device counts are trusted: checking their sum would read it on the host)
         raise ShapeError(
-            f"grouped_ffn: the segments cover {covered} rows but {rows.shape[0]} were given; "
+            f"grouped_ffn: the segments cover {covered} rows but {given} were given; "
             "each (slot, n) segment takes the next n rows, and together they must cover every row"
         )
 
@@ -118,6 +126,9 @@ def grouped_ffn(
     if isinstance(segments, torch.Tensor):  # rows in slot order already, counts on the device
         return grouped_gemm_ffn(rows, segments, activation, *weights)
     perm, merged = merge_by_slot(segments, rows.device)
+    if token is not None:  # the gather and the merge are one row selection
+        x, token = rows, (token if perm is None else token.index_select(0, perm))
+        return reorder(segment_ffn(x, merged, activation, cpu_kernel(gemm, x, w_in.shape[2]), *weights, token), perm)
     x = rows if perm is None else rows.index_select(0, perm)
     if uses_grouped_mm(gemm, x, w_in):
         counts = [0] * w_in.shape[0]
@@ -125,5 +136,10 @@ def grouped_ffn(
             counts[slot] = n
         y = grouped_gemm_ffn(x, counts, activation, *weights)
     else:
-        y = GroupedFFN.apply(x, merged, activation, cpu_kernel(gemm, x, w_in.shape[2]), *weights)
-    return y if perm is None else torch.empty_like(y).index_copy_(0, perm, y)  # back to the callers' row order
+        y = segment_ffn(x, merged, activation, cpu_kernel(gemm, x, w_in.shape[2]), *weights)
+    return reorder(y, perm)
+
+
+def reorder(y: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """Rows in merged order -> the callers' row order."""
+    return y if perm is None else torch.empty_like(y).index_copy_(0, perm, y)

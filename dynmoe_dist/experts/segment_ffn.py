@@ -1,20 +1,29 @@
-"""The whole grouped expert FFN as one autograd function: no per-segment graph nodes, no cat, weight gradients
-written straight into their stacked tensors.
+"""The grouped expert FFN as two autograd functions, each over every segment: no per-segment graph nodes, no cat,
+weight gradients written straight into their stacked tensors.
 
 Why: with many small experts (DeepSeekMoE-style 64+ per layer) a loop of autograd ops pays, per segment, three graph
 nodes, a split and a cat of the rows, and an ``unbind`` whose backward stacks every expert's weight gradient into a
-new tensor (a full copy of the bank's gradients per step). Here forward writes each segment's output into one
+new tensor (a full copy of the bank's gradients per step). Here forward writes each segment's result into one
 preallocated buffer, and backward writes each expert's weight gradient into its row of the stacked gradient (``mm``
-with ``out=`` the first time an expert is seen, ``addmm_`` after). Each segment is still computed whole (matmul,
-activation, matmul) while its rows are hot in cache, which is why this beats one activation over all rows on CPU.
-Activations and their derivatives are aten's own (``gelu_backward``, ``silu_backward``), so results match autograd's.
-Backward recomputes each segment's activation output from the saved pre-activations (one elementwise op) rather than
-keeping it: a third of the FFN's saved activations, at a cost far below the segment's GEMMs.
+with ``out=`` the first time an expert is seen, ``addmm_`` after). Activations and their derivatives are aten's own
+(``gelu_backward``, ``silu_backward``), so results match autograd's.
+
+Why two (``ExpertUp``: the input projections, x -> pre-activations; ``ExpertDown``: activation and output
+projection): memory at the end of backward, where a training step peaks (every weight gradient exists by then). A
+function's saved tensors and incoming gradient live until its backward returns; as one function, the output gradient
+and the pre-activations stayed alive while the input projections' gradients were made. Split, the second half's
+backward frees them first, and turns the pre-activations' buffers' worth into their gradients, as autograd's own op by
+op graph does (a 4-layer Mixtral's training step peaked 4.9 MB above transformers' as one function, at its bytes as
+two; ``ExpertUp`` gathering its own rows took it below: docs/BENCHMARKS.md, hf).
+
+Nothing is kept that backward can recompute cheaply: ``ExpertDown`` saves the pre-activations (and the gate's) only and
+recomputes the activation output from them (one elementwise op per segment), a third of the FFN's saved activations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -22,121 +31,215 @@ from .activations import DERIVATIVES, GATE_OF, PLAIN
 from .cpu_gemm import Gemm
 
 
-class GroupedFFN(torch.autograd.Function):
-    """y[seg] = FFN_slot(x[seg]) for each (slot, n) segment; weights stacked [E, ...], biases optional (None).
-    ``gemm`` computes every matrix product, forward and backward (cpu_gemm.py: aten's or oneDNN's)."""
+@dataclass(frozen=True)
+class Layout:
+    """Where each segment's rows lie: ``segments`` [(slot, n)] over the given rows, ``padded`` [(slot, p)] over the
+    computed ones (p >= n: the row counts ``gemm`` wants, ``pad_segments``), ``index`` the given rows' positions among
+    the computed ones (None where nothing is padded)."""
+
+    segments: list[tuple[int, int]]
+    padded: list[tuple[int, int]]
+    index: torch.Tensor | None
 
     @staticmethod
-    def forward(ctx, x, segments, activation, gemm: Gemm, w_in, w_out, w_gate, b_in, b_out, b_gate):  # noqa: D102
-        gated = activation in GATE_OF
-        act = PLAIN[GATE_OF.get(activation, activation)]
-        rows = x.shape[0]
+    def of(segments: Sequence[tuple[int, int]], gemm: Gemm) -> Layout:
         index, padded = pad_segments(segments, gemm)
-        if index is not None:  # each segment's rows followed by zero rows, up to a size the kernel has seen before
-            x = x.new_zeros(sum(p for _, p in padded), x.shape[1]).index_copy_(0, index, x)
-        y = x.new_empty(rows, w_out.shape[2])
-        saved = []  # per non-empty segment: pre-activation and gate pre-activation (or None); backward recomputes the
-        # activation output from them (one elementwise op per segment) instead of keeping a third rows x d_ff tensor
-        start = pstart = 0  # of the segment in y (the given rows) and in x (the padded rows)
-        for (slot, n), (_, p) in zip(segments, padded):
+        return Layout(list(segments), padded, index)
+
+    def spans(self):
+        """(slot, start among the given rows, n, start among the computed rows, p) of each non-empty segment."""
+        start = pstart = 0
+        for (slot, n), (_, p) in zip(self.segments, self.padded):
             if n:
-                xs = x[pstart : pstart + p]
-                h = gemm.addmm(None if b_in is None else b_in[slot], xs, w_in[slot])
-                if gated:
-                    hg = gemm.addmm(None if b_gate is None else b_gate[slot], xs, w_gate[slot])
-                    a = act(hg) * h
-                else:
-                    hg, a = None, act(h)
-                gemm.addmm(None if b_out is None else b_out[slot], a, w_out[slot], out=y[start : start + n])
-                saved += [h, hg]
+                yield slot, start, n, pstart, p
             start, pstart = start + n, pstart + p
-        # through save_for_backward, so that saved-tensor hooks (activation checkpointing, offload) see them all
-        ctx.save_for_backward(x, w_in, w_out, w_gate, *saved)
-        ctx.segments, ctx.padded, ctx.activation, ctx.gemm, ctx.index = segments, padded, activation, gemm, index
-        ctx.has_bias = (b_in is not None, b_out is not None, b_gate is not None)
-        return y
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """Given rows -> computed rows, the padding rows zero (they then add nothing to any weight gradient)."""
+        if self.index is None:
+            return t.contiguous()
+        return t.new_zeros(sum(p for _, p in self.padded), t.shape[1]).index_copy_(0, self.index, t)
+
+
+class Stacked:
+    """One stacked weight's gradient, written per slot: ``mm`` into a slot's row the first time it is seen,
+    ``addmm_`` after; slots never seen are zeroed at the end."""
+
+    def __init__(self, w: torch.Tensor | None, needed: bool, gemm: Gemm, bias: bool = False) -> None:
+        """``w``: the stacked weight [E, k, m]; ``bias``: the gradient of its bias [E, m] instead."""
+        shape = None if w is None or not needed else ((w.shape[0], w.shape[2]) if bias else w.shape)
+        self.grad = None if shape is None else torch.empty(shape, dtype=w.dtype, device=w.device)
+        self.gemm, self.seen = gemm, set()
+
+    def add(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """grad[slot] += a @ b."""
+        if self.grad is not None:
+            if slot in self.seen:
+                self.gemm.addmm_(self.grad[slot], a, b)
+            else:
+                self.gemm.mm(a, b, out=self.grad[slot])
+                self.seen.add(slot)
+
+    def add_rows(self, slot: int, g: torch.Tensor) -> None:
+        """grad[slot] += the sum of g's rows (a bias's gradient)."""
+        if self.grad is not None:
+            if slot in self.seen:
+                self.grad[slot].add_(g.sum(0))
+            else:
+                torch.sum(g, 0, out=self.grad[slot])
+                self.seen.add(slot)
+
+    def result(self) -> torch.Tensor | None:
+        if self.grad is not None:
+            unseen = [s for s in range(self.grad.shape[0]) if s not in self.seen]
+            if unseen:
+                self.grad[unseen] = 0
+        return self.grad
+
+
+class ExpertUp(torch.autograd.Function):
+    """x -> h = x w_in[slot] + b_in[slot] per segment, and for gated activations hg = x w_gate[slot] + b_gate[slot]
+    too; over the computed rows (``Layout``). Weights stacked [E, d, d_ff], biases [E, d_ff] or None.
+
+    With ``token`` ([rows] int64) x is the source [S, d] and the segments' row i is x[token[i]]: the gather is done
+    segment by segment inside, in forward and again in backward, and the input gradient is added into [S, d] where the
+    rows came from. The whole [rows, d] input is then never saved, nor its [rows, d] gradient made (the gather fused
+    into the expert GEMMs, as ScatterMoE does: Tan et al. 2024); x itself is kept alive by the router anyway."""
 
     @staticmethod
-    def backward(ctx, dy):  # noqa: D102
-        x, w_in, w_out, w_gate, *saved = ctx.saved_tensors
-        gated = ctx.activation in GATE_OF
-        name = GATE_OF.get(ctx.activation, ctx.activation)
-        act, act_backward = PLAIN[name], DERIVATIVES[name]
-        need = ctx.needs_input_grad
-        gemm, index = ctx.gemm, ctx.index
-        # zero gradients on the padding rows: they add nothing to the weight and bias gradients
-        dy = dy.contiguous() if index is None else dy.new_zeros(x.shape[0], dy.shape[1]).index_copy_(0, index, dy)
-        rows = sum(n for _, n in ctx.segments)
-        dx = x.new_empty(rows, x.shape[1]) if need[0] else None
+    def forward(ctx, x, token, layout: Layout, gemm: Gemm, w_in, w_gate, b_in, b_gate):  # noqa: D102
+        rows = x.shape[0] if token is None else token.shape[0]
+        x = layout.pad(x) if token is None else x
+        h = x.new_empty(sum(p for _, p in layout.padded), w_in.shape[2])
+        hg = None if w_gate is None else torch.empty_like(h)
+        for slot, start, n, ps, p in layout.spans():
+            xs = segment_rows(x, token, start, n, ps, p)
+            gemm.addmm(None if b_in is None else b_in[slot], xs, w_in[slot], out=h[ps : ps + p])
+            if hg is not None:
+                gemm.addmm(None if b_gate is None else b_gate[slot], xs, w_gate[slot], out=hg[ps : ps + p])
+        # through save_for_backward, so that saved-tensor hooks (activation checkpointing, offload) see them all
+        ctx.save_for_backward(x, token, w_in, w_gate)
+        ctx.layout, ctx.gemm, ctx.rows = layout, gemm, rows
+        ctx.has_bias = (b_in is not None, b_gate is not None)
+        return h if hg is None else (h, hg)
 
-        def stacked(w, i):
-            return torch.empty_like(w) if w is not None and need[i] else None
-
-        dw_in, dw_out, dw_gate = stacked(w_in, 4), stacked(w_out, 5), stacked(w_gate, 6)
-        db_in = torch.empty(w_in.shape[0], w_in.shape[2], dtype=x.dtype, device=x.device) if need[7] else None
-        db_out = torch.empty(w_out.shape[0], w_out.shape[2], dtype=x.dtype, device=x.device) if need[8] else None
-        db_gate = torch.empty(w_in.shape[0], w_in.shape[2], dtype=x.dtype, device=x.device) if need[9] else None
-        seen: set[int] = set()
-
-        def accumulate(grad: torch.Tensor | None, slot: int, first: bool, a: torch.Tensor, b: torch.Tensor) -> None:
-            if grad is not None:
-                if first:
-                    gemm.mm(a, b, out=grad[slot])
-                else:
-                    gemm.addmm_(grad[slot], a, b)
-
-        def accumulate_bias(grad: torch.Tensor | None, slot: int, first: bool, g: torch.Tensor) -> None:
-            if grad is not None:
-                if first:
-                    torch.sum(g, 0, out=grad[slot])
-                else:
-                    grad[slot].add_(g.sum(0))
-
-        start = pstart = 0
-        kept = iter(saved)
-        for (slot, n), (_, p) in zip(ctx.segments, ctx.padded):
-            if n:
-                h, hg = next(kept), next(kept)
-                first = slot not in seen
-                seen.add(slot)
-                g = dy[pstart : pstart + p]
-                xs = x[pstart : pstart + p]
-                s = act(hg) if gated else None
-                if dw_out is not None:  # the activation output, recomputed: bit for bit forward's
-                    accumulate(dw_out, slot, first, (s * h if gated else act(h)).t(), g)
-                accumulate_bias(db_out, slot, first, g)
-                da = gemm.mm(g, w_out[slot].t())
-                if gated:  # da is not needed after: the gate's gradient is written over it
-                    dh = s.mul_(da)
-                    dhg = act_backward(da.mul_(h), hg)
-                    accumulate(dw_gate, slot, first, xs.t(), dhg)
-                    accumulate_bias(db_gate, slot, first, dhg)
-                else:
-                    dh, dhg = act_backward(da, h), None
-                accumulate(dw_in, slot, first, xs.t(), dh)
-                accumulate_bias(db_in, slot, first, dh)
-                if dx is not None:  # the given rows only: the padding rows' input gradients are dropped
-                    gemm.mm(dh, w_in[slot].t(), out=dx[start : start + n])
-                    if dhg is not None:
-                        gemm.addmm_(dx[start : start + n], dhg, w_gate[slot].t())
-            start, pstart = start + n, pstart + p
-        unseen = [s for s in range(w_in.shape[0]) if s not in seen]
-        for grad in (dw_in, dw_out, dw_gate, db_in, db_out, db_gate):
-            if grad is not None and unseen:
-                grad[unseen] = 0
-        has_b_in, has_b_out, has_b_gate = ctx.has_bias
+    @staticmethod
+    def backward(ctx, dh, dhg=None):  # noqa: D102
+        x, token, w_in, w_gate = ctx.saved_tensors
+        need, gemm = ctx.needs_input_grad, ctx.gemm
+        dx = None
+        if need[0]:  # the given rows', or (token) the source's: each row's gradient added where it came from
+            dx = x.new_empty(ctx.rows, x.shape[1]) if token is None else torch.zeros_like(x)
+        dw_in, dw_gate = Stacked(w_in, need[4], gemm), Stacked(w_gate, need[5], gemm)
+        db_in, db_gate = Stacked(w_in, need[6], gemm, bias=True), Stacked(w_gate, need[7], gemm, bias=True)
+        for slot, start, n, ps, p in ctx.layout.spans():
+            xs, g = segment_rows(x, token, start, n, ps, p), dh[ps : ps + p]
+            dw_in.add(slot, xs.t(), g)
+            db_in.add_rows(slot, g)
+            if w_gate is not None:
+                gg = dhg[ps : ps + p]
+                dw_gate.add(slot, xs.t(), gg)
+                db_gate.add_rows(slot, gg)
+            if dx is None:
+                continue
+            # the given rows only: the padding rows' input gradients are dropped
+            d_rows = dx[start : start + n] if token is None else x.new_empty(n, x.shape[1])
+            gemm.mm(g, w_in[slot].t(), out=d_rows)
+            if w_gate is not None:
+                gemm.addmm_(d_rows, dhg[ps : ps + p], w_gate[slot].t())
+            if token is not None:
+                dx.index_add_(0, token[start : start + n], d_rows)
+        has_b_in, has_b_gate = ctx.has_bias
         return (
             dx,
             None,
             None,
             None,
-            dw_in,
-            dw_out,
-            dw_gate,
-            db_in if has_b_in else None,
-            db_out if has_b_out else None,
-            db_gate if has_b_gate else None,
+            dw_in.result(),
+            dw_gate.result(),
+            db_in.result() if has_b_in else None,
+            db_gate.result() if has_b_gate else None,
         )
+
+
+def segment_rows(x: torch.Tensor, token: torch.Tensor | None, start: int, n: int, ps: int, p: int) -> torch.Tensor:
+    """One segment's p computed rows: a slice of the (padded) rows, or gathered from the source by ``token``, then
+    zero rows up to p."""
+    if token is None:
+        return x[ps : ps + p]
+    t = token[start : start + n]
+    if p == n:
+        return x.index_select(0, t)
+    rows = x.new_zeros(p, x.shape[1])
+    torch.index_select(x, 0, t, out=rows[:n])
+    return rows
+
+
+class ExpertDown(torch.autograd.Function):
+    """(h, hg) -> y = act(hg) * h w_out[slot] + b_out[slot] per segment (act(h) w_out + b_out where hg is None),
+    for the given rows. ``w_out`` [E, d_ff, d], ``b_out`` [E, d] or None."""
+
+    @staticmethod
+    def forward(ctx, h, hg, layout: Layout, activation: str, gemm: Gemm, w_out, b_out):  # noqa: D102
+        act = PLAIN[GATE_OF.get(activation, activation)]
+        y = h.new_empty(sum(n for _, n in layout.segments), w_out.shape[2])
+        for slot, start, n, ps, p in layout.spans():
+            a = act(hg[ps : ps + p]) * h[ps : ps + p] if hg is not None else act(h[ps : ps + p])
+            gemm.addmm(None if b_out is None else b_out[slot], a, w_out[slot], out=y[start : start + n])
+        ctx.save_for_backward(h, hg, w_out)
+        ctx.layout, ctx.activation, ctx.gemm = layout, activation, gemm
+        ctx.has_bias = b_out is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        h, hg, w_out = ctx.saved_tensors
+        name = GATE_OF.get(ctx.activation, ctx.activation)
+        act, act_backward = PLAIN[name], DERIVATIVES[name]
+        need, gemm = ctx.needs_input_grad, ctx.gemm
+        dy = ctx.layout.pad(dy)  # zero gradients on the padding rows: they add nothing to the weight gradients
+        dw_out, db_out = Stacked(w_out, need[5], gemm), Stacked(w_out, need[6], gemm, bias=True)
+        inputs = need[0] or need[1]
+        dh = torch.empty_like(h) if inputs else None
+        dhg = torch.empty_like(hg) if inputs and hg is not None else None
+        for slot, _, _, ps, p in ctx.layout.spans():
+            g, hs = dy[ps : ps + p], h[ps : ps + p]
+            s = act(hg[ps : ps + p]) if hg is not None else None
+            if dw_out.grad is not None:  # the activation output, recomputed: bit for bit forward's
+                dw_out.add(slot, (s * hs if s is not None else act(hs)).t(), g)
+            db_out.add_rows(slot, g)
+            if not inputs:
+                continue
+            if s is None:
+                act_backward(gemm.mm(g, w_out[slot].t(), out=dh[ps : ps + p]), hs)
+                continue
+            da = gemm.mm(g, w_out[slot].t(), out=dhg[ps : ps + p])  # becomes the gate's gradient, in place
+            torch.mul(s, da, out=dh[ps : ps + p])
+            act_backward(da.mul_(hs), hg[ps : ps + p])
+        return dh, dhg, None, None, None, dw_out.result(), db_out.result() if ctx.has_bias else None
+
+
+def segment_ffn(
+    x: torch.Tensor,
+    segments: Sequence[tuple[int, int]],
+    activation: str,
+    gemm: Gemm,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    b_gate: torch.Tensor | None,
+    token: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[seg] = FFN_slot(x[seg]) for each (slot, n) segment, in row order; weights stacked [E, ...], biases optional
+    (None). ``gemm`` computes every matrix product, forward and backward (cpu_gemm.py: aten's or oneDNN's).
+    ``token``: x is the source [S, d] and row i of the segments is x[token[i]] (``ExpertUp``)."""
+    layout = Layout.of(segments, gemm)
+    gated = activation in GATE_OF
+    up = ExpertUp.apply(x, token, layout, gemm, w_in, w_gate if gated else None, b_in, b_gate if gated else None)
+    h, hg = up if gated else (up, None)
+    return ExpertDown.apply(h, hg, layout, activation, gemm, w_out, b_out)
 
 
 def pad_segments(segments: Sequence[tuple[int, int]], gemm: Gemm) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
