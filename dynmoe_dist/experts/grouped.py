@@ -126,20 +126,14 @@ def grouped_ffn(
     if isinstance(segments, torch.Tensor):  # rows in slot order already, counts on the device
         return grouped_gemm_ffn(rows, segments, activation, *weights)
     perm, merged = merge_by_slot(segments, rows.device)
-    if token is not None:  # the gather and the merge are one row selection
-        x, token = rows, (token if perm is None else token.index_select(0, perm))
-        return reorder(segment_ffn(x, merged, activation, cpu_kernel(gemm, x, w_in.shape[2]), *weights, token), perm)
-    x = rows if perm is None else rows.index_select(0, perm)
-    if uses_grouped_mm(gemm, x, w_in):
+    x = rows
+    if perm is not None:  # with tokens, the gather and the merge are one row selection
+        x, token = (rows.index_select(0, perm), None) if token is None else (rows, token.index_select(0, perm))
+    if token is None and uses_grouped_mm(gemm, x, w_in):  # (with tokens here, the segment loop serves the rows)
         counts = [0] * w_in.shape[0]
         for slot, n in merged:
             counts[slot] = n
         y = grouped_gemm_ffn(x, counts, activation, *weights)
     else:
-        y = segment_ffn(x, merged, activation, cpu_kernel(gemm, x, w_in.shape[2]), *weights)
-    return reorder(y, perm)
-
-
-def reorder(y: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-    """Rows in merged order -> the callers' row order."""
-    return y if perm is None else torch.empty_like(y).index_copy_(0, perm, y)
+        y = segment_ffn(x, merged, activation, cpu_kernel(gemm, x, w_in.shape[2]), *weights, token)
+    return y if perm is None else torch.empty_like(y).index_copy_(0, perm, y)  # back to the callers' row order

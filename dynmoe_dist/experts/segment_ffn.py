@@ -46,6 +46,16 @@ class Layout:
         index, padded = pad_segments(segments, gemm)
         return Layout(list(segments), padded, index)
 
+    @property
+    def rows(self) -> int:
+        """Given rows."""
+        return sum(n for _, n in self.segments)
+
+    @property
+    def computed(self) -> int:
+        """Computed rows (padding included)."""
+        return sum(p for _, p in self.padded)
+
     def spans(self):
         """(slot, start among the given rows, n, start among the computed rows, p) of each non-empty segment."""
         start = pstart = 0
@@ -58,7 +68,7 @@ class Layout:
         """Given rows -> computed rows, the padding rows zero (they then add nothing to any weight gradient)."""
         if self.index is None:
             return t.contiguous()
-        return t.new_zeros(sum(p for _, p in self.padded), t.shape[1]).index_copy_(0, self.index, t)
+        return t.new_zeros(self.computed, t.shape[1]).index_copy_(0, self.index, t)
 
 
 class Stacked:
@@ -108,9 +118,8 @@ class ExpertUp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, token, layout: Layout, gemm: Gemm, w_in, w_gate, b_in, b_gate):  # noqa: D102
-        rows = x.shape[0] if token is None else token.shape[0]
         x = layout.pad(x) if token is None else x
-        h = x.new_empty(sum(p for _, p in layout.padded), w_in.shape[2])
+        h = x.new_empty(layout.computed, w_in.shape[2])
         hg = None if w_gate is None else torch.empty_like(h)
         for slot, start, n, ps, p in layout.spans():
             xs = segment_rows(x, token, start, n, ps, p)
@@ -119,7 +128,7 @@ class ExpertUp(torch.autograd.Function):
                 gemm.addmm(None if b_gate is None else b_gate[slot], xs, w_gate[slot], out=hg[ps : ps + p])
         # through save_for_backward, so that saved-tensor hooks (activation checkpointing, offload) see them all
         ctx.save_for_backward(x, token, w_in, w_gate)
-        ctx.layout, ctx.gemm, ctx.rows = layout, gemm, rows
+        ctx.layout, ctx.gemm = layout, gemm
         ctx.has_bias = (b_in is not None, b_gate is not None)
         return h if hg is None else (h, hg)
 
@@ -129,7 +138,7 @@ class ExpertUp(torch.autograd.Function):
         need, gemm = ctx.needs_input_grad, ctx.gemm
         dx = None
         if need[0]:  # the given rows', or (token) the source's: each row's gradient added where it came from
-            dx = x.new_empty(ctx.rows, x.shape[1]) if token is None else torch.zeros_like(x)
+            dx = x.new_empty(ctx.layout.rows, x.shape[1]) if token is None else torch.zeros_like(x)
         dw_in, dw_gate = Stacked(w_in, need[4], gemm), Stacked(w_gate, need[5], gemm)
         db_in, db_gate = Stacked(w_in, need[6], gemm, bias=True), Stacked(w_gate, need[7], gemm, bias=True)
         for slot, start, n, ps, p in ctx.layout.spans():
@@ -182,7 +191,7 @@ class ExpertDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, hg, layout: Layout, activation: str, gemm: Gemm, w_out, b_out):  # noqa: D102
         act = PLAIN[GATE_OF.get(activation, activation)]
-        y = h.new_empty(sum(n for _, n in layout.segments), w_out.shape[2])
+        y = h.new_empty(layout.rows, w_out.shape[2])
         for slot, start, n, ps, p in layout.spans():
             a = act(hg[ps : ps + p]) * h[ps : ps + p] if hg is not None else act(h[ps : ps + p])
             gemm.addmm(None if b_out is None else b_out[slot], a, w_out[slot], out=y[start : start + n])
