@@ -47,3 +47,37 @@ def test_nothing_past_the_router_is_sized_by_experts_and_rows_cost_the_floor(gat
     assert floor <= per_row <= floor + D * 4 + 8 + 8 + 4 + 64 * E / rows, (per_row, floor)
     y.sum().backward()  # the graph the hooks saw is whole
     assert x.grad is not None
+
+
+def test_backward_peaks_at_the_weight_gradients_and_the_pre_activations_worth():
+    """Where a training step's memory peaks: at the end of a layer's backward, beside every weight gradient. There
+    the layer may hold the pre-activations' worth (their gradients take their place) and the tokens' and the output's
+    gradients, and less than one more [rows, d] tensor: not the output gradient and the pre-activations together with
+    the new weight gradients (one autograd function for the whole FFN), nor the rows' copy and its gradient (the gather
+    outside the FFN); each of those exceeds the bound. Measured from torch's allocation events, forward included, so
+    the frees of what forward saved are seen."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    s, d, d_ff, e = 128, 512, 1024, 8  # weight gradients (48 MB) well above the activations, as in a real model
+    layer = MoELayer(d, d_ff, e, router={"kind": "top_k", "k": 4}, activation="swiglu", gemm="loop", seed=1).train()
+    x = torch.randn(s, d, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y, aux = layer(x)
+        loss = y.sum()
+        since = time.time_ns()  # kineto's clock
+        loss.backward()
+    events = sorted(
+        (ev.start_ns(), ev.nbytes()) for ev in prof.profiler.kineto_results.events() if ev.name() == "[memory]"
+    )
+    alive = peak = 0
+    for start, nbytes in events:
+        alive += nbytes
+        if start >= since:
+            peak = max(peak, alive)
+    rows = aux.traffic.rows_computed
+    grads = sum(p.numel() * p.element_size() for p in layer.parameters())
+    bound = grads + (2 * rows * d_ff + 2 * s * d + rows * d) * 4
+    assert grads < peak <= bound, (peak - grads, bound - grads)
